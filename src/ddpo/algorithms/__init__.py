@@ -1,0 +1,33 @@
+"""Training algorithms, by registry name: one module per algorithm, each implementing `Algorithm`."""
+
+from typing import Any
+
+from ddpo.algorithms.base import Algorithm, LossOutput
+from ddpo.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
+from ddpo.algorithms.rwr import RewardWeightedRegression, SparseRewardWeightedRegression
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "ddpo_is": DDPOImportanceSampling,
+    "ddpo_sf": DDPOScoreFunction,
+    "rwr": RewardWeightedRegression,
+    "rwr_sparse": SparseRewardWeightedRegression,
+}
+
+
+def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
+    """Instantiate the algorithm registered as `name` with its constructor's keyword arguments."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid names: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name](**kwargs)
+
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "DDPOImportanceSampling",
+    "DDPOScoreFunction",
+    "LossOutput",
+    "RewardWeightedRegression",
+    "SparseRewardWeightedRegression",
+    "build_algorithm",
+]

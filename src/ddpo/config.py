@@ -1,0 +1,574 @@
+"""The configuration of a run: one typed tree of dataclasses, read from TOML, overridden by `--set`.
+
+A config is built in layers, later ones winning:
+
+1. the defaults below: the paper's published Stable Diffusion settings (Black et al. 2023, arXiv 2305.13301);
+2. optionally a `base` config (e.g. one built in code by the CLI);
+3. a TOML file, or a preset: a name such as `sd_compressibility` that is not an existing file is looked up
+   among the TOML files shipped inside the package (`ddpo/configs/*.toml`), so that presets work from a
+   pip-installed wheel without a checkout; an existing file of the same name wins;
+4. overrides `"section.key=value"`, the value a TOML literal (`train.lr=1e-4`, `model.use_lora=false`,
+   `model.lora_target_modules=["to_q"]`), or a plain string when it does not parse (`train.algorithm=rwr`).
+
+Keys are the dataclass fields, except that a field named after a Python keyword with a trailing underscore
+is written without it in TOML: `LogConfig.with_` is the key `log.with`. Tables merge into `dict` fields
+(`reward.kwargs`); any other value replaces the default. A list-of-strings key also accepts one string
+(`log.with = "wandb"`). Every error is a `ConfigError` naming the key and saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import keyword
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ddpo.prompts import prompt_source_factory, reads_file
+from ddpo.rewards import check_reward
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+"""Valid `train.algorithm` values (see `ddpo.algorithms`)."""
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SCHEDULERS = ("ddim", "ddpm")
+_REWARD_TERM_KEYS = ("name", "weight", "kwargs")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or holds an invalid value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained pipeline and which of its weights are trained."""
+
+    pretrained: str = "CompVis/stable-diffusion-v1-4"
+    """Hugging Face hub id or local directory of a diffusers pipeline."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) of `pretrained`."""
+    use_lora: bool = True
+    """Train LoRA adapters on the UNet (true) or all UNet weights (false)."""
+    lora_rank: int = 4
+    """Rank r of the LoRA matrices."""
+    lora_alpha: float = 4.0
+    """LoRA scaling numerator: updates are scaled by lora_alpha / lora_rank."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    """UNet module names that receive adapters (the attention projections)."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass: less memory, slower steps."""
+    mixed_precision: str = "no"
+    """Precision of the frozen weights and forward passes: "no" (fp32), "fp16" or "bf16"."""
+
+
+@dataclass
+class SampleConfig:
+    """How images are sampled each epoch."""
+
+    num_steps: int = 50
+    """Denoising steps T per image."""
+    eta: float = 1.0
+    """DDIM eta: 0 is deterministic, 1 gives DDPM's posterior variance."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight w; 1 disables guidance."""
+    batch_size: int = 8
+    """Images per sampling batch, per process."""
+    num_batches_per_epoch: int = 4
+    """Sampling batches per epoch, per process."""
+    height: int = 512
+    """Image height in pixels, a multiple of 8 (the VAE's downsampling factor)."""
+    width: int = 512
+    """Image width in pixels, a multiple of 8."""
+    scheduler: str = "ddim"
+    """Sampler: "ddim" (with `eta`) or "ddpm"."""
+
+
+@dataclass
+class TrainConfig:
+    """The RL update: algorithm, optimizer and advantage estimation."""
+
+    algorithm: str = "ddpo_is"
+    """One of "ddpo_is" (importance sampling, clipped), "ddpo_sf" (score function), "rwr", "rwr_sparse"."""
+    epochs: int = 100
+    """Outer epochs: each samples a fresh batch of images, then trains on it."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-4
+    """AdamW decoupled weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    batch_size: int = 1
+    """Samples per optimizer micro-batch, per process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step (ddpo_sf accumulates the whole epoch; leave it at 1)."""
+    inner_epochs: int = 1
+    """Passes over each epoch's samples (several only for ddpo_is, rwr and rwr_sparse)."""
+    clip_range: float = 1e-4
+    """PPO clip range epsilon of ddpo_is: the ratio is clipped to [1 - eps, 1 + eps]."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm."""
+    timestep_fraction: float = 1.0
+    """Fraction of the denoising steps trained on per sample, in (0, 1]."""
+    cfg: bool = True
+    """Apply classifier-free guidance also when recomputing log-probs for the update."""
+    per_prompt_stat_tracking: bool = True
+    """Normalize rewards by running per-prompt mean/std (true) or by the whole batch (false)."""
+    stat_buffer_size: int = 32
+    """Rewards remembered per prompt by the per-prompt tracker."""
+    stat_min_count: int = 16
+    """Rewards a prompt needs before its own statistics replace the batch's."""
+    rwr_temperature: float = 1.0
+    """RWR weights are exp(reward / temperature), normalized."""
+    rwr_percentile: float = 90.0
+    """rwr_sparse keeps the samples whose reward is above this percentile, in [0, 100)."""
+
+
+@dataclass
+class RewardConfig:
+    """What is rewarded (see `ddpo.rewards`)."""
+
+    name: str = "jpeg_compressibility"
+    """Registered reward name, or "package.module:function"; unused when `terms` is set."""
+    terms: list[dict] = field(default_factory=list)
+    """Weighted sum of rewards, tables {name = ..., weight = ..., kwargs = {...}}; used when non-empty."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of the `name` reward's factory."""
+
+
+@dataclass
+class PromptsConfig:
+    """Where the prompts come from (see `ddpo.prompts`)."""
+
+    source: str = "imagenet_animals"
+    """Registered prompt source: "simple_animals", "imagenet_animals", "animals_activities", "file", "shapes_*"."""
+    file: str = ""
+    """Prompt file of the "file" source, one prompt per line."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """Prompts of `ddpo eval`; empty means every prompt of the source."""
+
+
+@dataclass
+class LogConfig:
+    """Checkpoints, trackers and the fixed-seed sample grid."""
+
+    save_every: int = 1
+    """Epochs between checkpoints."""
+    keep_last: int = 3
+    """Checkpoints kept on disk, the oldest deleted first; 0 keeps all."""
+    with_: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers for accelerate's `log_with` (TOML key `log.with`): "tensorboard", "wandb", ...; [] for none."""
+    num_eval_seeds: int = 4
+    """Seeds per prompt of the sample grid and of evaluation."""
+    grid_prompts: list[str] = field(default_factory=list)
+    """Prompts of the per-epoch sample grid; empty means the source's first few."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    seed: int = 42
+    """Seed of every random number generator of the run."""
+    run_name: str = ""
+    """Name of the run in trackers and of its default directory; empty means a timestamp."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ------------------------------------------------------------------------------------------------ keys, types
+
+
+def _toml_key(field_name: str) -> str:
+    """`with_` -> `with`: a keyword-named field is spelled without its trailing underscore in TOML."""
+    stem = field_name[:-1]
+    return stem if field_name.endswith("_") and keyword.iskeyword(stem) else field_name
+
+
+def _fields(cls: type) -> dict[str, tuple[str, Any]]:
+    """TOML key -> (field name, resolved type) of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {_toml_key(f.name): (f.name, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key, sections included: ["seed", "run_name", "model", "model.pretrained", ...]."""
+    keys = []
+    for key, (_, hint) in _fields(cls).items():
+        keys.append(prefix + key)
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{key}.")
+    return keys
+
+
+def _unknown_key(path: str, is_table: bool) -> ConfigError:
+    """`unknown config key 'train.lrr' (did you mean 'train.lr'?)`, or the valid keys when none is close."""
+    section, _, name = path.rpartition(".")
+    kind = "section" if is_table and not section else "key"
+    keys = _all_keys()
+    moved = [key for key in keys if key.endswith(f".{name}")]  # e.g. "train.eta" for "sample.eta"
+    close = moved or difflib.get_close_matches(path, keys, n=1)
+    if close:
+        return ConfigError(f"unknown config {kind} '{path}' (did you mean '{close[0]}'?)")
+    siblings = [key for key in keys if key.rpartition(".")[0] == section]
+    return ConfigError(f"unknown config {kind} '{path}' (valid here: {', '.join(siblings)})")
+
+
+_TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a number", str: "a string", dict: "a table"}
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return "a list of strings" if item is str else "a list of tables"
+    return _TYPE_NAMES[hint]
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` checked against the field type `hint`, ints widened to float and a lone string to a list.
+
+    Raises:
+        ConfigError: `train.epochs must be an int, got str 'ten'`.
+    """
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float and is_number and not math.isnan(value):
+        return float(value)
+    if hint is int and is_number and isinstance(value, int):
+        return value
+    if hint in (bool, str) and isinstance(value, hint):
+        return value
+    if hint is dict and isinstance(value, dict):
+        return copy.deepcopy(value)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if item is str and isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{index}]", element, item) for index, element in enumerate(value)]
+    raise ConfigError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _merge(target: Any, table: dict[str, Any], prefix: str = "") -> None:
+    """Write the keys of a TOML table into the config dataclass `target`, checking names and types."""
+    known = _fields(type(target))
+    for key, value in table.items():
+        path = prefix + key
+        if key not in known:
+            raise _unknown_key(path, isinstance(value, dict))
+        name, hint = known[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                first = next(iter(_fields(hint)))
+                raise ConfigError(f"'{path}' is a section, not a value; set its keys, e.g. {path}.{first}=...")
+            _merge(getattr(target, name), value, f"{path}.")
+        elif hint is dict and isinstance(value, dict):
+            getattr(target, name).update(copy.deepcopy(value))
+        else:
+            setattr(target, name, _coerce(path, value, hint))
+
+
+def _hint_at(path: str) -> Any:
+    """Type of the field at a dotted key, or None when the key is unknown or inside a table."""
+    cls: Any = Config
+    hint = None
+    for key in path.split("."):
+        if not dataclasses.is_dataclass(cls) or key not in _fields(cls):
+            return None
+        hint = cls = _fields(cls)[key][1]
+    return hint
+
+
+def _parse_override(override: str) -> dict[str, Any]:
+    """`"train.lr=1e-4"` -> `{"train": {"lr": 0.0001}}`."""
+    path, equals, raw = override.partition("=")
+    path, raw = path.strip(), raw.strip()
+    if not equals or not path:
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. train.lr=1e-4")
+    value: Any = raw
+    if _hint_at(path) is not str or raw.startswith(('"', "'")):  # strings need no TOML quotes
+        try:
+            value = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            pass
+    for key in reversed(path.split(".")):
+        value = {key: value}
+    return value
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in `ddpo/configs/` ("sd_compressibility", "shapes/default", ...)."""
+
+    def walk(directory: Any, prefix: str) -> list[str]:
+        names = []
+        for item in directory.iterdir():
+            if item.is_dir():
+                names += walk(item, f"{prefix}{item.name}/")
+            elif item.name.endswith(".toml"):
+                names.append(prefix + item.name[: -len(".toml")])
+        return names
+
+    return sorted(walk(resources.files("ddpo").joinpath("configs"), ""))
+
+
+def _read_toml(path_or_preset: str | Path) -> tuple[dict[str, Any], str]:
+    """The parsed table and a label for messages, from a file or, failing that, a preset name."""
+    path = Path(path_or_preset)
+    if path.is_file():
+        text, label = path.read_text(encoding="utf-8"), str(path)
+    else:
+        name = str(path_or_preset).removesuffix(".toml")
+        preset = resources.files("ddpo").joinpath("configs", *f"{name}.toml".split("/"))
+        if name not in available_presets():
+            presets = ", ".join(available_presets())
+            raise ConfigError(f"config '{path_or_preset}' is neither a file nor a preset (presets: {presets})")
+        text, label = preset.read_text(encoding="utf-8"), f"preset '{name}'"
+    try:
+        return tomllib.loads(text), label
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{label} is not valid TOML: {error}") from error
+
+
+def load_config(
+    path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: Config | None = None
+) -> Config:
+    """Defaults (or a copy of `base`), then the TOML file or preset `path`, then `overrides`; validated.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or an invalid value, named in the message.
+    """
+    config = copy.deepcopy(base) if base is not None else Config()
+    if path is not None:
+        table, label = _read_toml(path)
+        try:
+            _merge(config, table)
+        except ConfigError as error:
+            raise ConfigError(f"{label}: {error}") from error
+    for override in overrides:
+        _merge(config, _parse_override(override))
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain TOML-ready data, keyed as in TOML (`log.with`)."""
+
+    def plain(node: Any) -> Any:
+        if dataclasses.is_dataclass(node):
+            return {_toml_key(f.name): plain(getattr(node, f.name)) for f in dataclasses.fields(node)}
+        return copy.deepcopy(node)
+
+    return plain(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the fully resolved config as TOML; `load_config(path)` returns an equal config."""
+    header = "# Resolved ddpo config: `ddpo train --config <this file>` repeats the run.\n"
+    Path(path).write_text(header + tomli_w.dumps(config_to_dict(config)), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_types(node: Any, cls: type = Config, prefix: str = "") -> None:
+    for key, (name, hint) in _fields(cls).items():
+        value = getattr(node, name)
+        if dataclasses.is_dataclass(hint):
+            _check(isinstance(value, hint), f"{prefix}{key} must be a {hint.__name__} section")
+            _check_types(value, hint, f"{prefix}{key}.")
+        else:
+            _coerce(prefix + key, value, hint)
+
+
+def _check_choice(key: str, value: str, choices: typing.Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"one of {', '.join(choices)}"
+        raise ConfigError(f"{key}={value!r} is not valid ({hint})")
+
+
+def validate(config: Config) -> None:
+    """Check every type and value, and the batch arithmetic for one process.
+
+    Raises:
+        ConfigError: naming the first offending key and how to fix it.
+    """
+    _check_types(config)
+    model, sample, train, reward, prompts, log = (
+        config.model, config.sample, config.train, config.reward, config.prompts, config.log
+    )
+    _check(config.seed >= 0, f"seed={config.seed} must be >= 0")
+
+    _check(bool(model.pretrained), "model.pretrained is empty; give a hub id or a local pipeline directory")
+    _check(model.lora_rank >= 1, f"model.lora_rank={model.lora_rank} must be at least 1")
+    _check(model.lora_alpha > 0, f"model.lora_alpha={model.lora_alpha} must be > 0")
+    _check(
+        not model.use_lora or bool(model.lora_target_modules),
+        "model.lora_target_modules is empty; name the UNet modules to adapt, e.g. [\"to_q\", \"to_v\"]",
+    )
+    _check_choice("model.mixed_precision", model.mixed_precision, MIXED_PRECISION)
+
+    for key in ("num_steps", "batch_size", "num_batches_per_epoch", "height", "width"):
+        value = getattr(sample, key)
+        _check(value >= 1, f"sample.{key}={value} must be at least 1")
+    for key in ("height", "width"):
+        value = getattr(sample, key)
+        _check(value % 8 == 0, f"sample.{key}={value} is not a multiple of 8 (the VAE downsamples by 8)")
+    _check_choice("sample.scheduler", sample.scheduler, SCHEDULERS)
+    _check(sample.eta >= 0, f"sample.eta={sample.eta:g} must be >= 0")
+    # Every algorithm here trains on log-probabilities of the sampling policy (paper Sec. 4).
+    _check(
+        sample.scheduler != "ddim" or sample.eta > 0,
+        "sample.eta=0 makes the DDIM policy deterministic; its log-probability is undefined (use e.g. 1.0)",
+    )
+
+    _check_choice("train.algorithm", train.algorithm, ALGORITHMS)
+    for key in ("epochs", "batch_size", "gradient_accumulation_steps", "inner_epochs", "stat_buffer_size",
+                "stat_min_count"):
+        value = getattr(train, key)
+        _check(value >= 1, f"train.{key}={value} must be at least 1")
+    for key in ("lr", "adam_epsilon", "clip_range", "adv_clip_max", "max_grad_norm", "rwr_temperature"):
+        value = getattr(train, key)
+        _check(value > 0, f"train.{key}={value:g} must be > 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        value = getattr(train, key)
+        _check(0 <= value < 1, f"train.{key}={value:g} must be in [0, 1)")
+    _check(train.adam_weight_decay >= 0, f"train.adam_weight_decay={train.adam_weight_decay:g} must be >= 0")
+    _check(
+        0 < train.timestep_fraction <= 1,
+        f"train.timestep_fraction={train.timestep_fraction:g} must be in (0, 1]",
+    )
+    _check(
+        train.stat_min_count <= train.stat_buffer_size,
+        f"train.stat_min_count={train.stat_min_count} exceeds train.stat_buffer_size={train.stat_buffer_size}, "
+        "so per-prompt statistics would never be used",
+    )
+    _check(0 <= train.rwr_percentile < 100, f"train.rwr_percentile={train.rwr_percentile:g} must be in [0, 100)")
+    if train.algorithm == "ddpo_sf":
+        _check(
+            train.inner_epochs == 1,
+            f"train.inner_epochs={train.inner_epochs} is not allowed with ddpo_sf: it takes one gradient step "
+            "per batch of data (its gradient is unbiased only on fresh samples); use ddpo_is for more",
+        )
+        _check(
+            train.gradient_accumulation_steps == 1,
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} has no effect with ddpo_sf, "
+            "which accumulates the whole epoch into one step; leave it at 1",
+        )
+
+    _check_reward(reward)
+
+    try:
+        factory = prompt_source_factory(prompts.source)
+    except ValueError as error:
+        raise ConfigError(f"prompts.source: {error}") from error
+    if reads_file(factory):
+        _check(bool(prompts.file), f"prompts.source='{prompts.source}' needs prompts.file, one prompt per line")
+    else:
+        _check(not prompts.file, f"prompts.file is set but prompts.source='{prompts.source}' reads no file")
+
+    _check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
+    _check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    _check(log.num_eval_seeds >= 1, f"log.num_eval_seeds={log.num_eval_seeds} must be at least 1")
+
+    derived_batch_sizes(config, num_processes=1)
+
+
+def _check_reward_name(key: str, name: str, kwargs: dict) -> None:
+    """`key` is where the name sits (`reward` or `reward.terms[i]`); its kwargs sit beside it."""
+    for checked_key, checked_kwargs in ((f"{key}.name", {}), (f"{key}.kwargs", kwargs)):
+        try:
+            check_reward(name, checked_kwargs)
+        except ValueError as error:
+            raise ConfigError(f"{checked_key}: {error}") from error
+
+
+def _check_reward(reward: RewardConfig) -> None:
+    if not reward.terms:
+        _check_reward_name("reward", reward.name, reward.kwargs)
+        return
+    _check(not reward.kwargs, "reward.kwargs applies to reward.name only; give each of reward.terms its kwargs")
+    for index, term in enumerate(reward.terms):
+        key = f"reward.terms[{index}]"
+        unknown = sorted(set(term) - set(_REWARD_TERM_KEYS))
+        _check(not unknown, f"{key} has unknown keys {unknown}; a term has name, weight and optional kwargs")
+        _check("name" in term and "weight" in term, f"{key} needs a name and a weight, e.g. {{name='x', weight=1.0}}")
+        _coerce(f"{key}.name", term["name"], str)
+        _check(math.isfinite(_coerce(f"{key}.weight", term["weight"], float)), f"{key}.weight must be finite")
+        _check_reward_name(key, term["name"], _coerce(f"{key}.kwargs", term.get("kwargs", {}), dict))
+
+
+def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
+    """The batch arithmetic of an epoch, computed and checked here only.
+
+    Each process samples `sample.batch_size x sample.num_batches_per_epoch` images per epoch; the trainer
+    shuffles them and splits them into micro-batches of `train.batch_size`, accumulating
+    `train.gradient_accumulation_steps` micro-batches (ddpo_sf: all of them) per optimizer step.
+
+    Returns:
+        num_processes; samples_per_epoch (all processes); samples_per_process; num_train_timesteps (denoising
+        steps trained per sample); minibatches_per_epoch (micro-batches per process per inner epoch);
+        accumulation_steps (micro-batches per optimizer step); samples_per_optimizer_step (all processes);
+        optimizer_steps_per_epoch (over all inner epochs).
+
+    Raises:
+        ConfigError: `train.batch_size` or `train.gradient_accumulation_steps` does not divide evenly.
+    """
+    if num_processes < 1:
+        raise ValueError(f"num_processes={num_processes} must be at least 1")
+    sample, train = config.sample, config.train
+    samples_per_process = sample.batch_size * sample.num_batches_per_epoch
+    _check(
+        samples_per_process % train.batch_size == 0,
+        f"train.batch_size={train.batch_size} must divide the {samples_per_process} samples per process per "
+        f"epoch (sample.batch_size={sample.batch_size} x "
+        f"sample.num_batches_per_epoch={sample.num_batches_per_epoch})",
+    )
+    minibatches = samples_per_process // train.batch_size
+    if train.algorithm == "ddpo_sf":
+        accumulation = minibatches
+    else:
+        accumulation = train.gradient_accumulation_steps
+        _check(
+            minibatches % accumulation == 0,
+            f"train.gradient_accumulation_steps={accumulation} must divide the {minibatches} micro-batches per "
+            f"process per epoch (sample.batch_size x sample.num_batches_per_epoch / train.batch_size)",
+        )
+    return {
+        "num_processes": num_processes,
+        "samples_per_epoch": samples_per_process * num_processes,
+        "samples_per_process": samples_per_process,
+        "num_train_timesteps": max(1, int(sample.num_steps * train.timestep_fraction)),
+        "minibatches_per_epoch": minibatches,
+        "accumulation_steps": accumulation,
+        "samples_per_optimizer_step": train.batch_size * accumulation * num_processes,
+        "optimizer_steps_per_epoch": train.inner_epochs * minibatches // accumulation,
+    }

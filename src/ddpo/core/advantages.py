@@ -1,0 +1,79 @@
+"""Reward normalisation into advantages: per-prompt running statistics (as ddpo-pytorch's
+`PerPromptStatTracker`, the reference implementation of Black et al. 2023) or one global mean/std."""
+
+from collections import deque
+
+import torch
+from torch import Tensor
+
+EPSILON = 1e-6
+
+
+def global_normalize(rewards: Tensor) -> Tensor:
+    """(r - mean) / (std + 1e-6) over the whole batch, with the population std.
+
+    Args:
+        rewards: (n,).
+
+    Returns:
+        (n,) advantages.
+    """
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + EPSILON)
+
+
+class PerPromptStatTracker:
+    """Normalises each prompt's rewards by running statistics of that prompt (as ddpo-pytorch).
+
+    Every prompt keeps its last `buffer_size` rewards. A prompt with fewer than `min_count` buffered rewards
+    is normalised by the statistics of the whole current batch instead, so new prompts still get sensible
+    advantages. Statistics are computed in float64 and the std is the population std (numpy's `np.std`).
+    """
+
+    def __init__(self, buffer_size: int, min_count: int) -> None:
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        """Add this epoch's rewards to the buffers and return their advantages.
+
+        Args:
+            prompts: n prompts, one per sample.
+            rewards: (n,) rewards, aligned with `prompts`.
+
+        Returns:
+            (n,) advantages, in `rewards`' dtype and device.
+        """
+        if len(prompts) != rewards.numel():
+            raise ValueError(f"got {len(prompts)} prompts for {rewards.numel()} rewards")
+        rewards_fp64 = rewards.detach().cpu().double()
+        advantages = torch.empty_like(rewards_fp64)
+        batch_mean, batch_std = rewards_fp64.mean(), rewards_fp64.std(unbiased=False)
+        for prompt in dict.fromkeys(prompts):  # unique prompts in first-occurrence order
+            index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards_fp64[index].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                history = torch.tensor(buffer, dtype=torch.float64)
+                mean, std = history.mean(), history.std(unbiased=False)
+            advantages[index] = (rewards_fp64[index] - mean) / (std + EPSILON)
+        return advantages.to(device=rewards.device, dtype=rewards.dtype)
+
+    def stats(self) -> dict[str, float]:
+        """Number of tracked prompts and their mean buffer length, for logging."""
+        lengths = [len(buffer) for buffer in self.buffers.values()]
+        return {
+            "num_prompts": len(lengths),
+            "mean_buffer_length": sum(lengths) / len(lengths) if lengths else 0.0,
+        }
+
+    def state_dict(self) -> dict[str, dict[str, list[float]]]:
+        """JSON-serialisable buffers; loading them makes later `update`s reproduce bit for bit."""
+        return {"buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict[str, dict[str, list[float]]]) -> None:
+        self.buffers = {
+            prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()
+        }

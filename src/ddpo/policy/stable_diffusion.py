@@ -1,0 +1,279 @@
+"""The DDPO policy over a diffusers `StableDiffusionPipeline`.
+
+Each DDIM step with eta > 0 is a Gaussian policy pi(x_{t-1} | x_t, c) = N(mu_theta(x_t, t, c), sigma_t^2 I)
+(DDPO, Black et al. 2023, Sec. 4.2). `sample` runs the chain with classifier-free guidance and records the
+trajectory with each step's log-probability; `log_prob` recomputes those log-probabilities with gradients
+through the trainable weights (LoRA via peft, or the whole UNet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..core.ddim import StepOutput, ddim_alphas, ddim_step, ddpm_step
+from .trajectory import Trajectory
+
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+class PolicyLoadError(RuntimeError):
+    """The model named in `model.pretrained` could not be loaded."""
+
+
+@dataclass
+class SamplingOptions:
+    num_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    height: int = 512
+    width: int = 512
+    scheduler: str = "ddim"  # "ddim" or "ddpm" (the same posterior at eta = 1; kept for users who think in DDPM)
+
+
+@dataclass
+class LoraOptions:
+    enabled: bool = True
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+def load_pipeline(pretrained: str, revision: str | None = None) -> StableDiffusionPipeline:
+    """Load a Stable-Diffusion-compatible pipeline from a hub id or a local directory, with a clear error.
+
+    Weights load in their stored precision; the policy casts frozen modules to its inference dtype.
+    """
+    local = Path(pretrained).expanduser()
+    looks_local = pretrained.startswith((".", "/", "~")) or local.exists() or pretrained.count("/") != 1
+    if looks_local and not local.is_dir():
+        raise PolicyLoadError(f"model.pretrained={pretrained!r}: no such directory (and not a hub id of the form 'owner/name')")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local) if looks_local else pretrained,
+            revision=None if looks_local else revision,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except Exception as error:  # diffusers raises many types (OSError, ValueError, HTTP errors)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PolicyLoadError(f"model.pretrained={pretrained!r} could not be loaded as a Stable Diffusion pipeline: {first_line}") from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype=dtype)
+
+
+class StableDiffusionPolicy:
+    """Sampling with trajectories and differentiable log-probs over a `StableDiffusionPipeline`.
+
+    The UNet is frozen except for LoRA adapters (or fully trainable when `lora.enabled` is False); the VAE
+    and the text encoder are always frozen. `denoiser` is the module `log_prob` calls for the noise prediction:
+    the trainer may replace it with the same UNet wrapped for distributed training (sampling, which needs no
+    gradient synchronisation, always calls the bare UNet).
+    """
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionPipeline,
+        sampling: SamplingOptions,
+        lora: LoraOptions | None = None,
+        *,
+        train_cfg: bool = True,
+        gradient_checkpointing: bool = False,
+        device: torch.device | str = "cpu",
+        inference_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.pipeline = pipeline
+        self.sampling = sampling
+        self.lora = lora or LoraOptions()
+        self.train_cfg = train_cfg
+        self.device = torch.device(device)
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.scheduler.set_timesteps(sampling.num_steps, device=self.device)
+        self.prediction_type: str = self.scheduler.config.prediction_type
+        self.vae, self.text_encoder, self.tokenizer, self.unet = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet
+        for module in (self.vae, self.text_encoder):
+            _place(module.requires_grad_(False), self.device, inference_dtype)
+        self.unet.requires_grad_(False)
+        if self.lora.enabled:
+            from peft import LoraConfig
+
+            # Frozen base weights may sit in half precision; the adapters train in fp32.
+            _place(self.unet, self.device, inference_dtype)
+            config = LoraConfig(
+                r=self.lora.rank,
+                lora_alpha=self.lora.alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(self.lora.target_modules),
+            )
+            self.unet.add_adapter(config)
+            for parameter in self.unet.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+        else:
+            _place(self.unet.requires_grad_(True), self.device, torch.float32)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.denoiser: Callable[..., object] = self.unet
+        self._negative_embeds: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, sampling: SamplingOptions, lora: LoraOptions | None = None, *, revision: str | None = None, **kwargs) -> "StableDiffusionPolicy":
+        return cls(load_pipeline(pretrained, revision), sampling, lora, **kwargs)
+
+    # ---- parameters and saving --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors by parameter name (exact fp32 copies: what a checkpoint needs to resume)."""
+        return {name: p.detach().cpu().clone() for name, p in self.unet.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        parameters = dict(self.unet.named_parameters())
+        missing = [name for name, p in parameters.items() if p.requires_grad and name not in state]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]!r}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                parameters[name].copy_(tensor)
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """LoRA in diffusers' format (`pipe.load_lora_weights(directory)` loads it), else the full UNet."""
+        directory = Path(directory)
+        if self.lora.enabled:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        else:
+            self.unet.save_pretrained(directory / "unet", safe_serialization=True)
+
+    # ---- text -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) last hidden states of the text encoder, padded to the tokenizer's max length."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].float()
+
+    def negative_embeds(self, batch_size: int) -> torch.Tensor:
+        if self._negative_embeds is None:
+            self._negative_embeds = self.encode_prompts([""])
+        return self._negative_embeds.expand(batch_size, -1, -1)
+
+    # ---- the policy -------------------------------------------------------------------------------------
+    def _noise_prediction(self, model, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, negative: torch.Tensor, guidance: bool) -> torch.Tensor:
+        """epsilon (or v) with classifier-free guidance: uncond + w (cond - uncond) (Ho & Salimans 2022)."""
+        scale = self.sampling.guidance_scale
+        if guidance and scale != 1.0:
+            both = model(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([negative, embeds])).sample
+            uncond, cond = both.chunk(2)
+            return uncond + scale * (cond - uncond)
+        return model(latents, timesteps, embeds).sample
+
+    def _step(self, model_output: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor, *, prev_sample=None, noise=None) -> StepOutput:
+        alpha_t, alpha_prev = ddim_alphas(
+            self.scheduler.alphas_cumprod.to(latents.device),
+            timesteps,
+            self.scheduler.config.num_train_timesteps // self.sampling.num_steps,
+            self.scheduler.final_alpha_cumprod.to(latents.device),
+        )
+        if self.sampling.scheduler == "ddpm":
+            return ddpm_step(model_output, latents, alpha_t, alpha_prev, prediction_type=self.prediction_type, prev_sample=prev_sample, noise=noise)
+        return ddim_step(
+            model_output, latents, alpha_t, alpha_prev, eta=self.sampling.eta,
+            prediction_type=self.prediction_type, prev_sample=prev_sample, noise=noise,
+        )  # fmt: skip
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        generators: Sequence[torch.Generator],
+        metadata: list[dict] | None = None,
+        *,
+        decode: bool = True,
+        progress: bool = False,
+    ) -> Trajectory:
+        """Run the DDIM chain for each prompt; all randomness of sample i comes from `generators[i]`.
+
+        Drawing the initial noise and every step's noise per sample (not per batch) makes a sample depend
+        only on its own generator, so results do not change with batch size or the number of processes.
+        """
+        batch = len(prompts)
+        if len(generators) != batch:
+            raise ValueError(f"sample() got {len(generators)} generators for {batch} prompts")
+        shape = self.latent_shape()
+        T = self.sampling.num_steps
+        # One draw per sample of everything the chain needs: x_T and the noise of each of the T steps.
+        noise = torch.stack([torch.randn((T + 1, *shape), generator=g, device=g.device) for g in generators]).to(self.device)
+        embeds = self.encode_prompts(prompts)
+        negative = self.negative_embeds(batch)
+        latents = noise[:, 0] * self.scheduler.init_noise_sigma
+        all_latents, all_log_probs = [latents], []
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
+            t_batch = t.expand(batch).to(self.device)
+            model_output = self._noise_prediction(self.unet, latents.to(self.unet.dtype), t_batch, embeds.to(self.unet.dtype), negative.to(self.unet.dtype), guidance=True).float()
+            step = self._step(model_output, latents, t_batch, noise=noise[:, i + 1])
+            latents = step.prev_sample
+            all_latents.append(latents)
+            all_log_probs.append(step.log_prob)
+        images = self.decode(latents) if decode else []
+        return Trajectory(
+            latents=torch.stack(all_latents, dim=1),
+            timesteps=timesteps.expand(batch, -1).clone(),
+            log_probs=torch.stack(all_log_probs, dim=1),
+            prompt_embeds=embeds,
+            negative_embeds=negative.clone(),
+            prompts=list(prompts),
+            metadata=list(metadata) if metadata is not None else [{} for _ in prompts],
+            images=images,
+        )
+
+    def log_prob(self, trajectory: Trajectory, step_indices: torch.Tensor) -> torch.Tensor:
+        """Recompute log p(x_{t-1} | x_t, c) with gradients for the chosen steps.
+
+        step_indices: (B, K) step positions per sample (or (K,) shared by all); returns (B, K) fp32.
+        """
+        batch = len(trajectory)
+        step_indices = step_indices.to(trajectory.latents.device)
+        if step_indices.dim() == 1:
+            step_indices = step_indices.expand(batch, -1)
+        rows = torch.arange(batch, device=step_indices.device)
+        dtype = self.unet.dtype
+        columns = []
+        for k in range(step_indices.shape[1]):
+            index = step_indices[:, k]
+            latents = trajectory.latents[rows, index]
+            timesteps = trajectory.timesteps[rows, index]
+            model_output = self._noise_prediction(
+                self.denoiser, latents.to(dtype), timesteps, trajectory.prompt_embeds.to(dtype), trajectory.negative_embeds.to(dtype), guidance=self.train_cfg
+            ).float()
+            step = self._step(model_output, latents.float(), timesteps, prev_sample=trajectory.latents[rows, index + 1].float())
+            columns.append(step.log_prob)
+        return torch.stack(columns, dim=1)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")

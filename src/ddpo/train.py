@@ -1,0 +1,327 @@
+"""The DDPO epoch loop on accelerate: sample -> score -> advantages -> update -> record.
+
+Every random draw is seeded from what it is for: the noise of sample i of epoch e from (seed, "noise", e, i),
+its prompt from (seed, "prompt", e, i), the training shuffles from (seed, "shuffle", e, inner epoch, rank).
+A resumed run therefore replays exactly the draws the uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, gather_object
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .algorithms import Algorithm, build_algorithm
+from .config import Config, config_to_dict, derived_batch_sizes, save_config, validate
+from .policy import StableDiffusionPolicy, Trajectory, build_policy
+from .prompts import build_prompt_source
+from .rewards import RewardOutput, build_reward_from_config, score
+from .run_directory import TRAINER_STATE, RunDirectory
+from .utils import derive_seed, generators_for, image_grid
+
+GRID_PROMPTS = 4
+
+
+@dataclass
+class EpochSamples:
+    """This process's samples of one epoch, with their global indices and rewards."""
+
+    trajectory: Trajectory
+    indices: torch.Tensor  # (n,) global sample index of each local sample
+    rewards: torch.Tensor  # (n,)
+    reward_info: dict
+    seconds_sampling: float
+    seconds_waiting_for_rewards: float
+
+
+def build_algorithm_from_config(config: Config) -> Algorithm:
+    train = config.train
+    kwargs = {
+        "ddpo_is": dict(clip_range=train.clip_range, adv_clip_max=train.adv_clip_max, per_prompt_stat_tracking=train.per_prompt_stat_tracking,
+                        buffer_size=train.stat_buffer_size, min_count=train.stat_min_count),
+        "ddpo_sf": dict(adv_clip_max=train.adv_clip_max, per_prompt_stat_tracking=train.per_prompt_stat_tracking,
+                        buffer_size=train.stat_buffer_size, min_count=train.stat_min_count),
+        "rwr": dict(temperature=train.rwr_temperature),
+        "rwr_sparse": dict(percentile=train.rwr_percentile),
+    }[train.algorithm]  # fmt: skip
+    return build_algorithm(train.algorithm, **kwargs)
+
+
+class Trainer:
+    """Holds the pieces of a run; `run()` is the loop. Build it with a validated config."""
+
+    def __init__(self, config: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> None:
+        validate(config)
+        self.config = config
+        self.accelerator = Accelerator(
+            mixed_precision=config.model.mixed_precision,
+            log_with=config.log.with_ or None,
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        )
+        self.sizes = derived_batch_sizes(config, self.accelerator.num_processes)
+        self.progress = progress and self.accelerator.is_local_main_process
+        device = self.accelerator.device
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.model.mixed_precision, torch.float32)
+        # Everything that can fail on bad input (model, reward, prompts) is built before the run directory.
+        self.policy: StableDiffusionPolicy = build_policy(config, device, inference_dtype=half if device.type != "cpu" else torch.float32)
+        self.reward = build_reward_from_config(config.reward)
+        self.reward_name = config.reward.name if not config.reward.terms else "+".join(t["name"] for t in config.reward.terms)
+        self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
+        self.algorithm = build_algorithm_from_config(config)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(),
+            lr=config.train.lr,
+            betas=(config.train.adam_beta1, config.train.adam_beta2),
+            weight_decay=config.train.adam_weight_decay,
+            eps=config.train.adam_epsilon,
+        )
+        self.policy.denoiser, self.optimizer = self.accelerator.prepare(self.policy.unet, self.optimizer)
+        self.start_epoch = 0
+        if resume:
+            self.run_dir = RunDirectory.open(run_dir)
+            self._load_latest_checkpoint()
+        else:
+            self.run_dir = RunDirectory(run_dir)
+            if self.accelerator.is_main_process:
+                RunDirectory.create(run_dir)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_config(config, self.run_dir.config_path)
+            self.run_dir.remove_stale_temporaries()
+        if config.log.with_:
+            self.accelerator.init_trackers("tb", config=_flat_hparams(config))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.describe()
+        if self.start_epoch == 0:
+            self.save_sample_grid(0)
+        try:
+            for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
+                samples = self.sample_epoch(epoch)
+                advantages = self.advantages(samples)
+                train_metrics, train_seconds = self.update(epoch, samples, advantages)
+                self.record(epoch, samples, train_metrics, train_seconds)
+        finally:
+            self._executor.shutdown(wait=True)
+            self.accelerator.end_training()
+        return self.run_dir.path
+
+    def describe(self) -> None:
+        if self.accelerator.is_main_process:
+            s = self.sizes
+            self.accelerator.print(
+                f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {self.reward_name}; "
+                f"{s['num_processes']} process(es) x {s['samples_per_process']} samples = {s['samples_per_epoch']} samples/epoch; "
+                f"{s['num_train_timesteps']} of {self.config.sample.num_steps} steps trained per sample; "
+                f"{s['optimizer_steps_per_epoch']} optimizer steps/epoch of {s['samples_per_optimizer_step']} samples; "
+                f"{len(self.policy.trainable_parameters())} trainable tensors "
+                f"({sum(p.numel() for p in self.policy.trainable_parameters()):,} weights); run dir {self.run_dir.path}"
+            )
+
+    def sample_epoch(self, epoch: int) -> EpochSamples:
+        """Sample this process's share of the epoch; rewards are scored in a thread while the next batch samples."""
+        config, rank, world = self.config, self.accelerator.process_index, self.accelerator.num_processes
+        batch = config.sample.batch_size
+        started = time.perf_counter()
+        trajectories, futures, all_indices = [], [], []
+        for b in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=not self.progress, leave=False):
+            # Global sample index: batch-major, then process, then position, so that a 1-process run with the
+            # same global batch sees the same samples in the same order.
+            indices = [(b * world + rank) * batch + i for i in range(batch)]
+            prompts, metadata = zip(*(self.prompt_source(random.Random(derive_seed(config.seed, "prompt", epoch, i))) for i in indices))
+            trajectory = self.policy.sample(list(prompts), generators_for(config.seed, "noise", epoch, indices), list(metadata))
+            futures.append(self._executor.submit(score, self.reward, self.reward_name, trajectory.images, trajectory.prompts, trajectory.metadata))
+            trajectories.append(trajectory)
+            all_indices += indices
+        sampled = time.perf_counter()
+        outputs: list[RewardOutput] = [f.result() for f in futures]
+        waited = time.perf_counter() - sampled
+        info = _merge_info([o.info for o in outputs])
+        device = self.accelerator.device
+        return EpochSamples(
+            trajectory=Trajectory.concatenate(trajectories),
+            indices=torch.tensor(all_indices, device=device),
+            rewards=torch.from_numpy(np.concatenate([o.scores for o in outputs])).to(device),
+            reward_info=info,
+            seconds_sampling=sampled - started,
+            seconds_waiting_for_rewards=waited,
+        )
+
+    def advantages(self, samples: EpochSamples) -> torch.Tensor:
+        """Advantages over the gathered global batch, in global sample order; returns this process's share."""
+        indices = self.accelerator.gather(samples.indices)
+        rewards = self.accelerator.gather(samples.rewards)
+        prompts = gather_object(samples.trajectory.prompts) if self.accelerator.num_processes > 1 else samples.trajectory.prompts
+        order = torch.argsort(indices)
+        global_advantages = self.algorithm.advantages(rewards[order].float().cpu(), [prompts[i] for i in order.tolist()])
+        position = {int(index): k for k, index in enumerate(indices[order].tolist())}
+        local = [position[int(i)] for i in samples.indices.tolist()]
+        return global_advantages[local].to(self.accelerator.device)
+
+    def update(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> tuple[dict[str, float], float]:
+        """Inner epochs over shuffled minibatches and shuffled timesteps, with gradient accumulation."""
+        config, sizes = self.config, self.sizes
+        started = time.perf_counter()
+        trajectory = samples.trajectory
+        num_samples, num_steps = len(trajectory), trajectory.num_steps
+        accumulation = sizes["accumulation_steps"] * sizes["num_train_timesteps"]
+        totals: dict[str, list[torch.Tensor]] = {}
+        micro_step = 0
+        for inner in range(config.train.inner_epochs):
+            generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", epoch, inner, self.accelerator.process_index))
+            order = torch.randperm(num_samples, generator=generator)
+            # Each sample trains on its own random subset of steps (timestep_fraction), as in ddpo-pytorch.
+            steps = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_samples)])[:, : sizes["num_train_timesteps"]]
+            minibatches = order.split(config.train.batch_size)
+            for minibatch in tqdm(minibatches, desc=f"epoch {epoch}.{inner} training", disable=not self.progress, leave=False):
+                part = trajectory.select(minibatch)
+                part_steps = steps[minibatch].to(part.latents.device)
+                part_advantages = advantages[minibatch.to(advantages.device)]
+                rows = torch.arange(len(part), device=part.latents.device)
+                for k in range(part_steps.shape[1]):
+                    micro_step += 1
+                    sync = micro_step % accumulation == 0
+                    with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
+                        log_prob = self.policy.log_prob(part, part_steps[:, k : k + 1])[:, 0]
+                        old_log_prob = part.log_probs[rows, part_steps[:, k]]
+                        output = self.algorithm.loss(log_prob, old_log_prob, part_advantages)
+                        self.accelerator.backward(output.loss / accumulation)
+                    for name, value in output.metrics.items():
+                        totals.setdefault(name, []).append(value.detach().float())
+                    if sync:
+                        grad_norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), config.train.max_grad_norm)
+                        totals.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32, device=self.accelerator.device))
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+        means = {name: torch.stack(values).mean() for name, values in totals.items()}
+        reduced = {name: float(self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")) for name, value in means.items()}
+        return reduced, time.perf_counter() - started
+
+    def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float) -> None:
+        rewards = self.accelerator.gather(samples.rewards).float().cpu()
+        record = {
+            "epoch": epoch,
+            "samples": epoch * self.sizes["samples_per_epoch"],
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            "loss": train_metrics.get("loss", math.nan),
+            "approx_kl": train_metrics.get("approx_kl", math.nan),
+            "clipfrac": train_metrics.get("clipfrac", math.nan),
+            "sample_seconds": samples.seconds_sampling,
+            "reward_wait_seconds": samples.seconds_waiting_for_rewards,
+            "train_seconds": train_seconds,
+        }
+        record.update({k: v for k, v in train_metrics.items() if k not in record})
+        record.update({f"reward_{k}": v for k, v in samples.reward_info.items()})
+        save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs
+        if self.accelerator.is_main_process:
+            self.run_dir.append_metrics(record)
+            self.save_sample_grid(epoch)
+            if save:
+                self.run_dir.write_checkpoint(epoch, lambda d: self._write_checkpoint(d, epoch), keep_last=self.config.log.keep_last)
+            self.accelerator.print(
+                f"epoch {epoch}: reward {record['reward_mean']:.4f} +- {record['reward_std']:.4f}  loss {record['loss']:.4g}  "
+                f"kl {record['approx_kl']:.3g}  clipfrac {record['clipfrac']:.3f}  "
+                f"sample {record['sample_seconds']:.1f}s train {record['train_seconds']:.1f}s"
+            )
+        if self.config.log.with_:
+            self.accelerator.log(_tracker_metrics(record), step=epoch)
+        self.accelerator.wait_for_everyone()
+
+    # ---- grids and checkpoints --------------------------------------------------------------------------
+    def grid_prompts(self) -> list[str]:
+        return list(self.config.log.grid_prompts) or self.prompt_source.prompts[:GRID_PROMPTS]
+
+    def save_sample_grid(self, epoch: int) -> None:
+        """Fixed prompts x fixed seeds, the same every epoch, so images can be compared across epochs."""
+        if not self.accelerator.is_main_process:
+            return
+        prompts = self.grid_prompts()
+        seeds = self.config.log.num_eval_seeds
+        images = []
+        for row, prompt in enumerate(prompts):
+            generators = [torch.Generator().manual_seed(derive_seed(self.config.seed, "grid", row, s)) for s in range(seeds)]
+            images += self.policy.sample([prompt] * seeds, generators).images
+        image_grid(images, len(prompts), seeds).save(self.run_dir.sample_grid_path(epoch))
+
+    def _write_checkpoint(self, directory: Path, epoch: int) -> None:
+        self.policy.save_adapter(directory)
+        save_file(self.policy.trainable_state_dict(), str(directory / "trainable.safetensors"))
+        torch.save(
+            {
+                "epoch": epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "algorithm": self.algorithm.state_dict(),
+                "config": config_to_dict(self.config),
+            },
+            directory / TRAINER_STATE,
+        )
+
+    def _load_latest_checkpoint(self) -> None:
+        epoch, directory = self.run_dir.latest_checkpoint()
+        self.policy.load_trainable_state_dict(load_file(str(directory / "trainable.safetensors")))
+        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.start_epoch = state["epoch"]
+        if self.accelerator.is_main_process:
+            self.run_dir.truncate_metrics(self.start_epoch)
+            self.accelerator.print(f"resuming {self.run_dir.path} after epoch {epoch}")
+
+
+def _merge_info(infos: list[dict]) -> dict[str, float]:
+    """Mean of each numeric per-sample array a reward reported (e.g. each term of a weighted sum)."""
+    merged: dict[str, list] = {}
+    for info in infos:
+        for key, value in info.items():
+            array = np.asarray(value)
+            if array.dtype.kind in "fiub":
+                merged.setdefault(key, []).append(array.reshape(-1))
+    return {key: float(np.concatenate(values).mean()) for key, values in merged.items()}
+
+
+def _tracker_metrics(record: dict) -> dict[str, float]:
+    """Namespaced names for trackers: reward/..., losses/..., time/..."""
+    names = {"reward_mean": "reward/mean", "reward_std": "reward/std", "samples": "charts/samples"}
+    out = {}
+    for key, value in record.items():
+        if key == "epoch" or not isinstance(value, (int, float)):
+            continue
+        if key in names:
+            out[names[key]] = value
+        elif key.endswith("_seconds"):
+            out[f"time/{key[: -len('_seconds')]}"] = value
+        elif key.startswith("reward_"):
+            out[f"reward/{key[len('reward_'):]}"] = value
+        else:
+            out[f"losses/{key}"] = value
+    return out
+
+
+def _flat_hparams(config: Config) -> dict:
+    flat = {}
+    for section, values in config_to_dict(config).items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        else:
+            flat[section] = values
+    return flat
+
+
+def train(config: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) a training run; returns the run directory."""
+    return Trainer(config, run_dir, resume=resume, progress=progress).run()
