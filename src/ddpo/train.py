@@ -74,7 +74,9 @@ class Trainer:
         device = self.accelerator.device
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.model.mixed_precision, torch.float32)
         # Everything that can fail on bad input (model, reward, prompts) is built before the run directory.
-        self.policy: StableDiffusionPolicy = build_policy(config, device, inference_dtype=half if device.type != "cpu" else torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA's random init: the same on every rank and run
+            self.policy: StableDiffusionPolicy = build_policy(config, device, inference_dtype=half if device.type != "cpu" else torch.float32)
         self.reward = build_reward_from_config(config.reward)
         self.reward_name = config.reward.name if not config.reward.terms else "+".join(t["name"] for t in config.reward.terms)
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)

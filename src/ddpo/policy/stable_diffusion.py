@@ -231,9 +231,11 @@ class StableDiffusionPolicy:
         latents = noise[:, 0] * self.scheduler.init_noise_sigma
         all_latents, all_log_probs = [latents], []
         timesteps = self.scheduler.timesteps
+        dtype = self.unet.dtype  # read once: diffusers walks every submodule to answer it
+        embeds_in, negative_in = embeds.to(dtype), negative.to(dtype)
         for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
             t_batch = t.expand(batch).to(self.device)
-            model_output = self._noise_prediction(self.unet, latents.to(self.unet.dtype), t_batch, embeds.to(self.unet.dtype), negative.to(self.unet.dtype), guidance=True).float()
+            model_output = self._noise_prediction(self.unet, latents.to(dtype), t_batch, embeds_in, negative_in, guidance=True).float()
             step = self._step(model_output, latents, t_batch, noise=noise[:, i + 1])
             latents = step.prev_sample
             all_latents.append(latents)

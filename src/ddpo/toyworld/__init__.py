@@ -13,3 +13,7 @@ def shipped_pipeline_dir() -> Path:
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"the shipped Shapes pipeline is missing from {path}; reinstall ddpo or run `ddpo toy pretrain`")
     return path
+
+
+# Register the Shapes world's rewards and prompt sources (light: models load only when a reward is built).
+from . import prompts, rewards  # noqa: E402, F401

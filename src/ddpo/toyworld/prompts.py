@@ -1,0 +1,60 @@
+"""Prompt sources of the Shapes world, registered by name (`prompts.source`).
+
+- `shapes_unusual_train`: the 12 captions (3 counts x 4 pairs) of the unusual pairs RL trains on, the
+  miniature of the paper's "animals doing human activities".
+- `shapes_unusual_heldout`: the 12 captions of the other unusual pairs, never seen by RL (for evaluation).
+- `shapes_common`: the 48 captions of the common pairs (16 pairs x 3 counts).
+- `shapes_all`: all 72 captions: common, then unusual train, then unusual held-out.
+
+Metadata of each prompt: `count` (1-3), `color`, `shape` and `group` ("common", "unusual_train" or
+"unusual_heldout", the names `ddpo.toyworld.evaluation` reports under).
+"""
+
+from __future__ import annotations
+
+from ddpo.prompts import ListPromptSource, register_prompt_source
+
+from .render import COMMON, COUNTS, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, caption
+
+GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "common": COMMON,
+    "unusual_train": UNUSUAL_TRAIN,
+    "unusual_heldout": UNUSUAL_HELDOUT,
+}
+"""Colour-shape pairs of each prompt group."""
+
+
+def shapes_source(*groups: str) -> ListPromptSource:
+    """Every caption of the given groups, in the order of `render.prompts_for`, with its metadata."""
+    prompts: list[str] = []
+    metadata: list[dict] = []
+    for group in groups:
+        for color, shape in GROUPS[group]:
+            for count in COUNTS:
+                prompts.append(caption(count, color, shape))
+                metadata.append({"count": count, "color": color, "shape": shape, "group": group})
+    return ListPromptSource(prompts, metadata)
+
+
+@register_prompt_source("shapes_unusual_train")
+def shapes_unusual_train() -> ListPromptSource:
+    """The 12 captions of the unusual pairs RL trains on, e.g. "two red triangles"."""
+    return shapes_source("unusual_train")
+
+
+@register_prompt_source("shapes_unusual_heldout")
+def shapes_unusual_heldout() -> ListPromptSource:
+    """The 12 captions of the held-out unusual pairs, e.g. "a cyan triangle"."""
+    return shapes_source("unusual_heldout")
+
+
+@register_prompt_source("shapes_common")
+def shapes_common() -> ListPromptSource:
+    """The 48 captions of the common pairs, e.g. "three blue squares"."""
+    return shapes_source("common")
+
+
+@register_prompt_source("shapes_all")
+def shapes_all() -> ListPromptSource:
+    """All 72 captions of the Shapes world."""
+    return shapes_source("common", "unusual_train", "unusual_heldout")

@@ -1,0 +1,32 @@
+"""Helpers for tests that run training on the tiny random pipeline."""
+
+from __future__ import annotations
+
+def tiny_overrides(model_dir, **extra) -> list[str]:
+    """`--set` overrides for a small, fast run of the sd_compressibility preset on the tiny pipeline."""
+    values = {
+        "model.pretrained": f'"{model_dir}"',
+        "model.mixed_precision": '"no"',
+        "sample.num_steps": 6,
+        "sample.height": 32,
+        "sample.width": 32,
+        "sample.batch_size": 4,
+        "sample.num_batches_per_epoch": 2,
+        "train.batch_size": 4,
+        "train.gradient_accumulation_steps": 1,
+        "train.epochs": 2,
+        "train.stat_min_count": 2,
+        "prompts.source": '"simple_animals"',
+        "log.num_eval_seeds": 2,
+        "log.grid_prompts": '["a cat", "a dog"]',
+        "log.with": "[]",
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def cli_args(model_dir, out, **extra) -> list[str]:
+    args = ["train", "--config", "sd_compressibility", "--out", str(out), "--no-progress"]
+    for override in tiny_overrides(model_dir, **extra):
+        args += ["--set", override]
+    return args
