@@ -30,3 +30,16 @@ def cli_args(model_dir, out, **extra) -> list[str]:
     for override in tiny_overrides(model_dir, **extra):
         args += ["--set", override]
     return args
+
+
+# Misbehaving rewards, referenced from configs as "helpers:<name>".
+def nan_reward(images, prompts, metadata):
+    return [float("nan")] + [0.0] * (len(images) - 1)
+
+
+def short_reward(images, prompts, metadata):
+    return [0.0] * (len(images) - 1)
+
+
+def raising_reward(images, prompts, metadata):
+    raise ValueError("the scorer is offline")

@@ -24,10 +24,11 @@ class UserError(click.ClickException):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .policy import PolicyLoadError
+    from .prompts import PromptSourceError
     from .rewards import RewardError
     from .run_directory import RunDirectoryError
 
-    return (ConfigError, PolicyLoadError, RewardError, RunDirectoryError, FileNotFoundError)
+    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

@@ -40,6 +40,10 @@ _PLUGIN_PACKAGES = ("ddpo.toyworld",)
 """Packages that register more sources on import; imported once when a name is not found."""
 
 
+class PromptSourceError(ValueError):
+    """A prompt source is unknown, misconfigured, or has no prompts; the message names it."""
+
+
 class PromptSource(Protocol):
     """Draws one prompt per call; deterministic given the state of `rng`."""
 
@@ -103,7 +107,7 @@ def prompt_source_factory(name: str) -> PromptSourceFactory:
     if name not in _SOURCES:
         close = difflib.get_close_matches(name, _SOURCES, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"available: {', '.join(sorted(_SOURCES))}"
-        raise ValueError(f"unknown prompt source {name!r} ({hint})")
+        raise PromptSourceError(f"unknown prompt source {name!r} ({hint})")
     return _SOURCES[name]
 
 
@@ -122,7 +126,7 @@ def build_prompt_source(name: str, file: str = "") -> PromptSource:
     if not file:
         return factory()
     if not reads_file(factory):
-        raise ValueError(f"prompt source {name!r} reads no file; leave prompts.file empty")
+        raise PromptSourceError(f"prompt source {name!r} reads no file; leave prompts.file empty")
     return factory(file=file)
 
 
@@ -183,11 +187,11 @@ def prompt_file(file: str = "") -> ListPromptSource:
         FileNotFoundError: the file does not exist.
     """
     if not file:
-        raise ValueError("prompt source 'file' needs prompts.file: a text file with one prompt per line")
+        raise PromptSourceError("prompt source 'file' needs prompts.file: a text file with one prompt per line")
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file '{file}' does not exist (prompts.file)")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file '{file}' contains no prompts")
+        raise PromptSourceError(f"prompt file '{file}' contains no prompts")
     return ListPromptSource(prompts)

@@ -8,6 +8,7 @@ A resumed run therefore replays exactly the draws the uninterrupted run would ha
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,7 +65,11 @@ class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> None:
         validate(config)
         self.config = config
+        # accelerate only sets up a multi-process CPU group (gloo) when told the run is on CPU; without this, a
+        # `accelerate launch --num_processes 2` on a machine with no GPU would train 2 unsynchronised copies.
+        multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(
+            cpu=multi_process_cpu,
             mixed_precision=config.model.mixed_precision,
             log_with=config.log.with_ or None,
             project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),

@@ -91,14 +91,14 @@ class Judge(Recognizer):
     def __init__(self, width: int = 24) -> None:
         super().__init__()
         w = width
-        self.trunk = nn.Sequential(
+        self.body = nn.Sequential(
             nn.Conv2d(3, w, 5, padding=2), nn.GroupNorm(8, w), nn.GELU(),
             nn.Conv2d(w, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU(),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.GELU(),
             nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.GELU(),
             nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GELU(),
+            _AvgMaxPool(), nn.Linear(4 * w, 96), nn.GELU(),
         )  # fmt: skip
-        self.body = nn.Sequential(self.trunk, _AvgMaxPool(), nn.Linear(4 * w, 96), nn.GELU())
         self.heads = _Heads(96)
 
 

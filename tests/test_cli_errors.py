@@ -1,0 +1,91 @@
+"""Bad input: one line naming the problem, a non-zero exit, and nothing half-written."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from helpers import cli_args
+
+from ddpo.cli import main
+
+
+def run(args):
+    return CliRunner().invoke(main, args)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("ddpo: error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("train.lrr=1e-4", ["unknown config key 'train.lrr'", "did you mean 'train.lr'"]),
+        ("train.epochs='ten'", ["train.epochs must be an int", "ten"]),
+        ("sample.height=36", ["sample.height=36 is not a multiple of 8"]),
+        ("sample.eta=0", ["sample.eta"]),
+    ],
+)
+def test_bad_config_values_are_named_and_nothing_is_written(tiny_pipeline_dir, tmp_path, override, fragments):
+    out = tmp_path / "run"
+    result = run([*cli_args(tiny_pipeline_dir, out), "--set", override])
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_missing_model_path(tmp_path):
+    out = tmp_path / "run"
+    result = run(cli_args(tmp_path / "no-such-model", out))
+    assert_one_line_error(result, "no-such-model", "model.pretrained")
+    assert not out.exists()
+
+
+def test_empty_prompt_file(tiny_pipeline_dir, tmp_path):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    out = tmp_path / "run"
+    result = run([*cli_args(tiny_pipeline_dir, out), "--set", 'prompts.source="file"', "--set", f'prompts.file="{empty}"'])
+    assert_one_line_error(result, "prompts.txt", "contains no prompts")
+    assert not out.exists()
+
+
+def test_unknown_preset(tmp_path):
+    result = run(["train", "--config", "sd_compresibility", "--out", str(tmp_path / "run")])
+    assert_one_line_error(result, "sd_compresibility")
+
+
+@pytest.mark.parametrize(
+    "reward, fragments",
+    [
+        ("helpers:nan_reward", ["helpers:nan_reward", "non-finite", "prompt 'a "]),
+        ("helpers:short_reward", ["helpers:short_reward", "returned 3 scores for 4 images"]),
+        ("helpers:raising_reward", ["helpers:raising_reward", "the scorer is offline", "prompt 'a "]),
+    ],
+)
+def test_a_misbehaving_reward_is_named_with_its_prompt_and_the_epoch_is_not_recorded(tiny_pipeline_dir, tmp_path, reward, fragments):
+    out = tmp_path / "run"
+    result = run([*cli_args(tiny_pipeline_dir, out, **{"sample.num_steps": 2}), "--set", f'reward.name="{reward}"'])
+    assert_one_line_error(result, *fragments)
+    metrics = out / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""
+    assert not any((out / "checkpoints").iterdir())
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "something").mkdir()
+    assert_one_line_error(run(["train", "--resume", str(tmp_path / "something")]), "not a ddpo run directory")
+    assert_one_line_error(run(["train", "--resume", str(tmp_path / "missing")]), "no such directory")
+
+
+def test_out_directory_holding_a_run_is_not_overwritten(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text("seed = 1\n")
+    result = run(cli_args(tiny_pipeline_dir, out, **{"sample.num_steps": 2}))
+    assert_one_line_error(result, "already holds a run", "--resume")
+    assert (out / "config.toml").read_text() == "seed = 1\n"
