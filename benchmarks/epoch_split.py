@@ -42,7 +42,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 from ddpo.config import ConfigError, load_config  # noqa: E402
 from ddpo.policy import PolicyLoadError, resolve_model  # noqa: E402
 from ddpo.policy.tiny import save_tiny_pipeline  # noqa: E402
-from ddpo.rewards import score  # noqa: E402
+from ddpo.rewards import checked_reward  # noqa: E402
 from ddpo.train import Trainer  # noqa: E402
 
 PRESET = "sd_compressibility"
@@ -106,8 +106,7 @@ def timed(call: Callable[[], object], device: torch.device) -> tuple[object, flo
     return result, time.perf_counter() - started
 
 
-def zero_reward(images: list, prompts: list[str], metadata: list[dict]) -> np.ndarray:
-    return np.zeros(len(images), dtype=np.float32)
+zero_reward = checked_reward("zero", lambda images, prompts, metadata: np.zeros(len(images), dtype=np.float32))
 
 
 def timed_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
@@ -124,7 +123,7 @@ def timed_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
 
     def score_epoch() -> np.ndarray:
         parts = [
-            score(reward, trainer.reward_name, trajectory.images[i : i + batch], trajectory.prompts[i : i + batch], trajectory.metadata[i : i + batch])
+            reward(trajectory.images[i : i + batch], trajectory.prompts[i : i + batch], trajectory.metadata[i : i + batch])
             for i in range(0, len(trajectory), batch)
         ]
         return np.concatenate([part.scores for part in parts])
@@ -181,7 +180,7 @@ def main() -> None:
     samples_per_epoch = trainer.sizes["samples_per_process"]
     notes = {
         "sample": f"Trainer.sample_epoch, {samples_per_epoch} images, {samples_per_epoch / split['sample']:.2f} images/s",
-        "reward": f"{trainer.reward_name} alone on the {samples_per_epoch} images",
+        "reward": f"{trainer.reward.name} alone on the {samples_per_epoch} images",
         "train": f"Trainer.advantages {parts['advantages']:.3f} s + Trainer.update {parts['update']:.3f} s",
     }
     print(f"split of epoch {EPOCHS}:")

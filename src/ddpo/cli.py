@@ -96,34 +96,23 @@ def sample(model: str, lora: str | None, prompt: str, num_images: int, seed: int
 
     from .config import Config, load_config
     from .policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline, resolve_model
-    from .run_directory import RunDirectory
+    from .run_directory import RunDirectory, resolve_adapter_dir
     from .utils import image_grid
 
     try:
-        config = Config()
-        adapter_dir = None
-        if lora:
-            adapter_dir = Path(lora)
-            run = RunDirectory(lora)
-            if run.config_path.is_file():  # a run directory: use its config and latest checkpoint
-                config = load_config(run.config_path)
-                latest = run.latest_checkpoint()
-                if latest is None:
-                    raise UserError(f"--lora {lora}: the run has no checkpoint yet")
-                adapter_dir = latest[1]
-            if not (adapter_dir / "pytorch_lora_weights.safetensors").is_file():
-                raise UserError(f"--lora {lora}: no pytorch_lora_weights.safetensors there")
+        adapter_dir = resolve_adapter_dir(lora) if lora else None
+        from_run = bool(lora) and RunDirectory(lora).config_path.is_file()
+        config = load_config(RunDirectory(lora).config_path) if from_run else Config()  # sample as the run trained
         pipe = load_pipeline(resolve_model(model))
         if adapter_dir is not None:
             pipe.load_lora_weights(str(adapter_dir))
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        size = pipe.unet.config.sample_size * factor
+        native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         sampling = SamplingOptions(
             num_steps=num_steps or config.sample.num_steps,
             eta=config.sample.eta if eta is None else eta,
             guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
-            height=size if not lora else config.sample.height,
-            width=size if not lora else config.sample.width,
+            height=config.sample.height if from_run else native,
+            width=config.sample.width if from_run else native,
         )
         policy = StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
@@ -165,6 +154,36 @@ def toy_pretrain(work: str, seed: int, unet_steps: int | None) -> None:
         config.unet_steps = unet_steps
     path = Pretrainer(work, config, log=lambda message: click.echo(message)).run()
     click.echo(f"pipeline: {path}")
+
+
+@toy.command("evaluate")
+@click.option("--model", default="shapes", show_default=True, help="Shapes pipeline directory or 'shapes'.")
+@click.option("--lora", type=click.Path(exists=True), help="A run directory (latest checkpoint) or a checkpoint directory.")
+@click.option("--judge", type=click.Path(exists=True, dir_okay=False), help="Judge weights (default: the shipped judge).")
+@click.option("--seeds", default=8, show_default=True, help="Seeds per prompt.")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--guidance", default=3.0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON here.")
+def toy_evaluate(model: str, lora: str | None, judge: str | None, seeds: int, steps: int, guidance: float, out: str | None) -> None:
+    """Judge exact match on common, unusual-train and unusual-held-out prompts (JSON)."""
+    _quiet_libraries()
+    import json
+
+    from .policy import resolve_model
+    from .run_directory import resolve_adapter_dir
+    from .toyworld import WEIGHTS_DIR
+    from .toyworld.evaluation import judge_exact_match
+
+    try:
+        adapter = resolve_adapter_dir(lora) if lora else None
+        judge_path = judge or WEIGHTS_DIR / "judge.safetensors"
+        result = judge_exact_match(resolve_model(model), judge_path, seeds=seeds, num_steps=steps, guidance_scale=guidance, lora_dir=adapter)
+    except _user_errors() as error:
+        raise UserError(str(error)) from error
+    text = json.dumps({"model": model, "lora": str(adapter) if adapter else None, "seeds": seeds, "judge_exact_match": result}, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    click.echo(text)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,17 @@ class RunDirectory:
 
     def sample_grid_path(self, epoch: int) -> Path:
         return self.samples_dir / f"{epoch_name(epoch)}.png"
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """A run directory (-> its latest checkpoint) or a checkpoint directory holding LoRA weights."""
+    path = Path(path)
+    run = RunDirectory(path)
+    if run.config_path.is_file():
+        latest = run.latest_checkpoint()
+        if latest is None:
+            raise RunDirectoryError(f"{path}: the run has no checkpoint yet")
+        path = latest[1]
+    if not (path / "pytorch_lora_weights.safetensors").is_file():
+        raise RunDirectoryError(f"{path}: no pytorch_lora_weights.safetensors there (not a run or a LoRA checkpoint)")
+    return path

@@ -27,7 +27,7 @@ from .algorithms import Algorithm, build_algorithm
 from .config import Config, config_to_dict, derived_batch_sizes, save_config, validate
 from .policy import StableDiffusionPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
-from .rewards import RewardOutput, build_reward_from_config, score
+from .rewards import RewardOutput, build_reward_from_config
 from .run_directory import TRAINER_STATE, RunDirectory
 from .utils import derive_seed, generators_for, image_grid
 
@@ -82,8 +82,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA's random init: the same on every rank and run
             self.policy: StableDiffusionPolicy = build_policy(config, device, inference_dtype=half if device.type != "cpu" else torch.float32)
-        self.reward = build_reward_from_config(config.reward)
-        self.reward_name = config.reward.name if not config.reward.terms else "+".join(t["name"] for t in config.reward.terms)
+        self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
         self.algorithm = build_algorithm_from_config(config)
         self.optimizer = torch.optim.AdamW(
@@ -130,7 +129,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             s = self.sizes
             self.accelerator.print(
-                f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {self.reward_name}; "
+                f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {self.reward.name}; "
                 f"{s['num_processes']} process(es) x {s['samples_per_process']} samples = {s['samples_per_epoch']} samples/epoch; "
                 f"{s['num_train_timesteps']} of {self.config.sample.num_steps} steps trained per sample; "
                 f"{s['optimizer_steps_per_epoch']} optimizer steps/epoch of {s['samples_per_optimizer_step']} samples; "
@@ -150,7 +149,7 @@ class Trainer:
             indices = [(b * world + rank) * batch + i for i in range(batch)]
             prompts, metadata = zip(*(self.prompt_source(random.Random(derive_seed(config.seed, "prompt", epoch, i))) for i in indices))
             trajectory = self.policy.sample(list(prompts), generators_for(config.seed, "noise", epoch, indices), list(metadata))
-            futures.append(self._executor.submit(score, self.reward, self.reward_name, trajectory.images, trajectory.prompts, trajectory.metadata))
+            futures.append(self._executor.submit(self.reward, trajectory.images, trajectory.prompts, trajectory.metadata))
             trajectories.append(trajectory)
             all_indices += indices
         sampled = time.perf_counter()

@@ -15,6 +15,7 @@ PROMPT_GROUPS: dict[str, list[str]] = {
     "unusual_train": prompts_for(UNUSUAL_TRAIN),
     "unusual_heldout": prompts_for(UNUSUAL_HELDOUT),
 }
+EVAL_SEED_OFFSET = 10_000  # evaluation seeds never coincide with the seeds of a training grid
 
 
 def exact_match(judge, images, prompts: list[str]) -> np.ndarray:
@@ -25,20 +26,36 @@ def exact_match(judge, images, prompts: list[str]) -> np.ndarray:
 
 @torch.no_grad()
 def judge_exact_match(
-    pipeline_dir: str | Path, judge_path: str | Path, *, seeds: int = 4, num_steps: int = 20, guidance_scale: float = 3.0
+    pipeline_dir: str | Path,
+    judge_path: str | Path,
+    *,
+    seeds: int = 8,
+    num_steps: int = 20,
+    guidance_scale: float = 3.0,
+    eta: float = 1.0,
+    lora_dir: str | Path | None = None,
+    groups: dict[str, list[str]] | None = None,
 ) -> dict[str, float]:
-    """Sample every prompt of each group with `seeds` fixed seeds (plain DDIM) and report judge exact match."""
-    from diffusers import StableDiffusionPipeline
+    """Judge exact match per prompt group: every prompt x `seeds` fixed seeds, sampled like training does.
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
+    Sampling uses the policy's DDIM sampler (eta 1 by default, the stochastic policy that RL trains), so
+    base and fine-tuned models are compared on identical noise.
+    """
+    from ..policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline
+
+    pipe = load_pipeline(str(pipeline_dir))
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir))
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    sampling = SamplingOptions(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, height=size, width=size)
+    policy = StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
     judge = load_recognizer(judge_path, "judge")
     result = {}
-    for group, prompts in PROMPT_GROUPS.items():
+    for group, prompts in (groups or PROMPT_GROUPS).items():
         scores = []
         for seed in range(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            images = pipe(prompts, num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=generator).images
+            generators = [torch.Generator().manual_seed(EVAL_SEED_OFFSET + 1000 * seed + i) for i in range(len(prompts))]
+            images = policy.sample(prompts, generators).images
             scores.append(exact_match(judge, images, prompts))
         result[group] = round(float(np.mean(scores)), 4)
     return result

@@ -40,18 +40,18 @@ class PretrainConfig:
     seed: int = 0
     size: int = 32
     dataset_size: int = 60_000
-    recognizer_steps: int = 1200
+    recognizer_steps: int = 800
     vae_steps: int = 2000
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
-    unet_steps: int = 5000
+    unet_steps: int = 4000
     unet_batch_size: int = 128
     unet_lr: float = 1e-3
     warmup_steps: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
-    eval_every: int = 1000
+    eval_every: int = 1000  # judge the EMA pipeline every this many UNet steps; 0 never
     eval_guidance_scale: float = 3.0
 
 
@@ -97,6 +97,14 @@ def build_unet(latent_size: int = 8) -> UNet2DConditionModel:
         attention_head_dim=8,
         norm_num_groups=32,
     )
+
+
+def _loss_ends(stage: str, losses: list[float], window: int = 20) -> dict[str, float]:
+    """Mean loss over the first and the last `window` steps of a stage (this session's steps, if resumed)."""
+    if not losses:
+        return {}
+    window = max(1, min(window, len(losses) // 2))
+    return {f"{stage}_loss_start": float(np.mean(losses[:window])), f"{stage}_loss_end": float(np.mean(losses[-window:]))}
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -158,11 +166,13 @@ class Pretrainer:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
         vae.train()
+        losses = []
         for step in range(cfg.vae_steps):
             x = images[torch.randint(0, len(images), (cfg.vae_batch_size,), generator=generator)]
             posterior = vae.encode(x).latent_dist
             reconstruction = vae.decode(posterior.sample(generator=generator)).sample
             loss = F.mse_loss(reconstruction, x) + 0.5 * F.l1_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
+            losses.append(loss.item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -175,7 +185,7 @@ class Pretrainer:
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         accuracy = self._reconstruction_accuracy(vae)
         self.log(f"vae: describer exact accuracy on reconstructions {accuracy:.4f}, scaling factor {vae.config.scaling_factor:.4f}")
-        self._record(vae_reconstruction_accuracy=accuracy, vae_scaling_factor=vae.config.scaling_factor)
+        self._record(vae_reconstruction_accuracy=accuracy, vae_scaling_factor=vae.config.scaling_factor, **_loss_ends("vae", losses))
         vae.save_pretrained(path)
         return vae
 
@@ -255,6 +265,7 @@ class Pretrainer:
         unet.train()
         text_encoder.train()
         started = time.time()
+        losses: list[float] = []
         while step < cfg.unet_steps:
             index = torch.randint(0, len(captions), (cfg.unet_batch_size,), generator=generator)
             latents = cache["mean"][index] + cache["std"][index] * torch.randn(cache["mean"][index].shape, generator=generator)
@@ -266,6 +277,7 @@ class Pretrainer:
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
             loss = F.mse_loss(prediction, noise)
+            losses.append(loss.item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -294,10 +306,11 @@ class Pretrainer:
                 }
                 _atomic_torch_save(state, state_path)
                 self.save_pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], self.work / "pipeline-latest")
-            if step % cfg.eval_every == 0 or step == cfg.unet_steps:
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.unet_steps):
                 accuracy = self.evaluate(self.work / "pipeline-latest")
                 self.log(f"unet step {step}: judge exact match {accuracy}")
                 self._record(**{f"judge_exact_step_{step}": accuracy})
+        self._record(**_loss_ends("unet", losses))
         self.save_pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], final)
         return final
 
@@ -316,7 +329,7 @@ class Pretrainer:
             shutil.rmtree(directory)
         os.replace(tmp, directory)
 
-    def evaluate(self, pipeline_dir: Path, seeds: int = 4, steps: int = 20) -> dict:
+    def evaluate(self, pipeline_dir: Path, seeds: int = 2, steps: int = 20) -> dict:
         """Judge exact-match on common and unusual prompts (the numbers the Shapes issue asks for)."""
         from .evaluation import judge_exact_match
 

@@ -103,13 +103,15 @@ def random_scene(rng: random.Random, unusual_fraction: float = UNUSUAL_PRETRAIN_
     return Scene(rng.choice(COUNTS), color, shape)
 
 
-# Object layouts in units of the image size: centres for each count, with per-count object size.
+# Object layouts in units of the image size: centres for each count, with per-count object size. Sizes and
+# the jitter are chosen so that objects never touch (touching objects would make the count ambiguous).
 _LAYOUTS: dict[int, tuple[tuple[tuple[float, float], ...], ...]] = {
     1: (((0.5, 0.5),),),
     2: (((0.28, 0.5), (0.72, 0.5)), ((0.5, 0.28), (0.5, 0.72)), ((0.3, 0.3), (0.7, 0.7)), ((0.3, 0.7), (0.7, 0.3))),
-    3: (((0.22, 0.5), (0.5, 0.5), (0.78, 0.5)), ((0.5, 0.25), (0.27, 0.72), (0.73, 0.72)), ((0.27, 0.28), (0.73, 0.28), (0.5, 0.75))),
+    3: (((0.5, 0.25), (0.25, 0.72), (0.75, 0.72)), ((0.27, 0.28), (0.73, 0.28), (0.5, 0.75)), ((0.22, 0.22), (0.5, 0.5), (0.78, 0.78))),
 }
-_SIZES: dict[int, tuple[float, float]] = {1: (0.44, 0.56), 2: (0.32, 0.38), 3: (0.26, 0.3)}
+_SIZES: dict[int, tuple[float, float]] = {1: (0.44, 0.56), 2: (0.32, 0.36), 3: (0.26, 0.3)}
+_JITTER = 0.025
 _SUPERSAMPLE = 4
 
 
@@ -149,7 +151,7 @@ def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
     big = size * _SUPERSAMPLE
     layout = rng.choice(_LAYOUTS[scene.count])
     object_size = rng.uniform(*_SIZES[scene.count]) * big
-    jitter = 0.04 * big
+    jitter = _JITTER * big
     color = np.array(COLORS[scene.color], dtype=float) * rng.uniform(0.9, 1.0)
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)

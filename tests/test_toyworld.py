@@ -1,0 +1,108 @@
+"""The Shapes world: renderer ground truth, tokenizer, and a short pretraining run."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo.toyworld.render import (
+    COLORS, COMMON, COUNTS, SHAPES, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_PRETRAIN_FRACTION, UNUSUAL_TRAIN,
+    Scene, caption, parse_caption, random_scene, render,
+)  # fmt: skip
+
+
+def object_mask(image, scene_color) -> np.ndarray:
+    """Pixels within a small distance of the object colour (the background is dark grey, far from all colours)."""
+    pixels = np.asarray(image, dtype=float)
+    return np.linalg.norm(pixels - np.array(COLORS[scene_color]), axis=-1) < 60
+
+
+def connected_components(mask: np.ndarray, min_pixels: int = 3) -> int:
+    """4-connected components of at least `min_pixels` (an antialiased triangle tip can leave a stray pixel)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    count = 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        size, stack = 0, [start]
+        while stack:
+            y, x = stack.pop()
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
+                seen[y, x] = True
+                size += 1
+                stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+        count += size >= min_pixels
+    return count
+
+
+def test_captions_round_trip_for_every_scene():
+    for count in COUNTS:
+        for color in COLORS:
+            for shape in SHAPES:
+                text = caption(count, color, shape)
+                assert parse_caption(text) == Scene(count, color, shape)
+    assert caption(1, "red", "cross") == "a red cross"
+    assert caption(3, "blue", "cross") == "three blue crosses"
+    assert parse_caption("two red circle") is None and parse_caption("a purple circle") is None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rendered_images_show_their_caption(seed):
+    """The named colour is there, in as many separate (never touching) objects as the caption counts."""
+    scene = random_scene(random.Random(seed), unusual_fraction=0.5)
+    image = render(scene, random.Random(seed))
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert connected_components(object_mask(image, scene.color)) == scene.count
+    for other in COLORS:
+        if other != scene.color:
+            assert object_mask(image, other).sum() < 3, (scene, other)
+
+
+def test_rendering_is_deterministic_and_has_a_64_pixel_option():
+    scene = Scene(2, "green", "triangle")
+    assert np.array_equal(np.asarray(render(scene, random.Random(5))), np.asarray(render(scene, random.Random(5))))
+    assert render(scene, random.Random(5), size=64).size == (64, 64)
+
+
+def test_unusual_pairs_are_split_and_rare_in_pretraining():
+    assert not set(UNUSUAL_TRAIN) & set(UNUSUAL_HELDOUT)
+    assert not set(UNUSUAL) & set(COMMON)
+    rng = random.Random(0)
+    scenes = [random_scene(rng) for _ in range(20_000)]
+    unusual = np.mean([(s.color, s.shape) in UNUSUAL for s in scenes])
+    assert unusual <= 0.01 and abs(unusual - UNUSUAL_PRETRAIN_FRACTION) < 0.003
+
+
+def test_tokenizer_has_one_token_per_caption_word(tmp_path):
+    from ddpo.toyworld.render import vocabulary
+    from ddpo.toyworld.tokenizer import write_tokenizer
+
+    tokenizer = write_tokenizer(tmp_path)
+    for word in vocabulary():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tokenizer("three magenta crosses", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == tokenizer.model_max_length
+
+
+@pytest.mark.slow
+def test_short_pretraining_reduces_loss_and_writes_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ddpo.toyworld.pretrain import PretrainConfig, Pretrainer
+
+    config = PretrainConfig(
+        dataset_size=512, recognizer_steps=5, vae_steps=40, vae_batch_size=16, unet_steps=60, unet_batch_size=32,
+        warmup_steps=5, checkpoint_every=30, eval_every=0,
+    )  # fmt: skip
+    pretrainer = Pretrainer(tmp_path / "work", config, log=lambda message: None)
+    pipeline_dir = pretrainer.run()
+    metrics = pretrainer.metrics
+    assert metrics["vae_loss_end"] < 0.7 * metrics["vae_loss_start"]
+    assert metrics["unet_loss_end"] < 0.7 * metrics["unet_loss_start"]
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("two red circles", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
