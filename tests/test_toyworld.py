@@ -94,7 +94,7 @@ def test_short_pretraining_reduces_loss_and_writes_a_loadable_pipeline(tmp_path)
     from ddpo.toyworld.pretrain import PretrainConfig, Pretrainer
 
     config = PretrainConfig(
-        dataset_size=512, recognizer_steps=5, vae_steps=40, vae_batch_size=16, unet_steps=60, unet_batch_size=32,
+        dataset_size=512, recognizer_steps=5, recognizer_images=256, vae_steps=40, vae_batch_size=16, unet_steps=60, unet_batch_size=32,
         warmup_steps=5, checkpoint_every=30, eval_every=0,
     )  # fmt: skip
     pretrainer = Pretrainer(tmp_path / "work", config, log=lambda message: None)

@@ -73,6 +73,7 @@ def test_lora_loads_in_diffusers_and_changes_the_output(two_epoch_run, tiny_pipe
     assert np.abs(after - before).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(tiny_pipeline_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_cli(cli_args(tiny_pipeline_dir, straight, **{"train.epochs": 4})).exit_code == 0
@@ -107,11 +108,12 @@ KILL_DURING_CHECKPOINT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_pipeline_dir, tmp_path):
     script = tmp_path / "train_slow_checkpoint.py"
     script.write_text(KILL_DURING_CHECKPOINT)
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, str(script), *cli_args(tiny_pipeline_dir, out, **{"train.epochs": 3})],
+    process = subprocess.Popen([sys.executable, str(script), *cli_args(tiny_pipeline_dir, out, **{"train.epochs": 3, "sample.num_steps": 2})],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.time() + 300
     while not list((out / "checkpoints").glob(".epoch-0002.tmp-*/WRITING")):
@@ -127,3 +129,15 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_pipeline
     assert resumed.exit_code == 0, resumed.output
     assert run.latest_checkpoint()[0] == 3
     assert not list((out / "checkpoints").glob(".epoch-*"))
+
+
+def test_sample_command_draws_with_the_trained_lora(two_epoch_run, tiny_pipeline_dir, tmp_path):
+    from PIL import Image
+
+    base, tuned = tmp_path / "base.png", tmp_path / "tuned.png"
+    common = ["sample", "--model", str(tiny_pipeline_dir), "--prompt", "a cat", "-n", "3", "--seed", "7", "--steps", "6"]
+    assert run_cli([*common, "--out", str(base)]).exit_code == 0
+    assert run_cli([*common, "--lora", str(two_epoch_run), "--out", str(tuned)]).exit_code == 0
+    a, b = np.asarray(Image.open(base), dtype=float), np.asarray(Image.open(tuned), dtype=float)
+    assert a.shape == b.shape == (32, 96, 3)  # one row of 3 images at the model's native 32 px
+    assert np.abs(a - b).max() > 0

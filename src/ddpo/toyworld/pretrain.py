@@ -41,6 +41,7 @@ class PretrainConfig:
     size: int = 32
     dataset_size: int = 60_000
     recognizer_steps: int = 800
+    recognizer_images: int = 30_000
     vae_steps: int = 2000
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
@@ -147,7 +148,7 @@ class Pretrainer:
             if path.exists():
                 continue
             seed = self.config.seed + 1000 * (offset + 1)  # independent seeds: the judge must not share the describer's mistakes
-            model = train_recognizer(kind, seed=seed, steps=self.config.recognizer_steps, log=self.log)
+            model = train_recognizer(kind, seed=seed, steps=self.config.recognizer_steps, num_images=self.config.recognizer_images, log=self.log)
             accuracy = exact_accuracy(model)
             self.log(f"{kind}: exact accuracy on 2000 fresh renders {accuracy:.4f}")
             save_recognizer(model, path)
@@ -181,7 +182,7 @@ class Pretrainer:
                 self.log(f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f}")
         vae.eval()
         with torch.no_grad():
-            latents = torch.cat([vae.encode(images[i : i + 1000]).latent_dist.mean for i in range(0, 5000, 1000)])
+            latents = torch.cat([vae.encode(images[i : i + 1000]).latent_dist.mean for i in range(0, min(5000, len(images)), 1000)])
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         accuracy = self._reconstruction_accuracy(vae)
         self.log(f"vae: describer exact accuracy on reconstructions {accuracy:.4f}, scaling factor {vae.config.scaling_factor:.4f}")
