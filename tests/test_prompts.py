@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ddpo.prompts import available_prompt_sources, build_prompt_source, with_indefinite_article
+from ddpo.prompts import PromptSourceError, available_prompt_sources, build_prompt_source, with_indefinite_article
 
 
 def test_simple_animals_are_the_45_of_the_paper():
@@ -56,7 +56,7 @@ def test_empty_or_missing_file_is_a_clear_error(tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match=f"prompt file '{empty}' contains no prompts"):
         build_prompt_source("file", file=str(empty))
-    with pytest.raises(FileNotFoundError, match="prompt file '.*missing.txt' does not exist"):
+    with pytest.raises(PromptSourceError, match="prompt file '.*missing.txt' does not exist"):
         build_prompt_source("file", file=str(tmp_path / "missing.txt"))
 
 

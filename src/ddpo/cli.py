@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 DEFAULT_PRESET = "shapes/default"
+# Keys a resumed run may change: how long it runs and how it logs, not what the checkpoint holds.
+RESUMABLE_OVERRIDES = ("train.epochs=", "log.")
 
 
 class UserError(click.ClickException):
@@ -65,9 +67,12 @@ def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
 
     try:
         if resume:
-            if config_path:
-                raise UserError("--resume continues a run with its own config.toml; use --set to change keys, not --config")
+            if config_path or out:
+                raise UserError("--resume continues a run in place with its own config.toml; use --set to change keys, not --config/--out")
             run = RunDirectory.open(resume)
+            structural = [o for o in overrides if not o.strip().startswith(RESUMABLE_OVERRIDES)]
+            if structural:
+                raise UserError(f"--resume can only change {', '.join(RESUMABLE_OVERRIDES)}; {structural[0]!r} would change what the checkpoint holds")
             config = load_config(run.config_path, overrides)
             run_dir = Path(resume)
         else:

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import keyword
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 
 import tomli_w
 
+from ddpo.algorithms import ALGORITHMS  # the registry is the one list of algorithms
 from ddpo.prompts import prompt_source_factory, reads_file
 from ddpo.rewards import check_reward
 
@@ -40,7 +42,6 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
 """Valid `train.algorithm` values (see `ddpo.algorithms`)."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULERS = ("ddim", "ddpm")
@@ -387,7 +388,10 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 def save_config(config: Config, path: str | Path) -> None:
     """Write the fully resolved config as TOML; `load_config(path)` returns an equal config."""
     header = "# Resolved ddpo config: `ddpo train --config <this file>` repeats the run.\n"
-    Path(path).write_text(header + tomli_w.dumps(config_to_dict(config)), encoding="utf-8")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + tomli_w.dumps(config_to_dict(config)), encoding="utf-8")
+    os.replace(tmp, path)  # a crash mid-write must not leave an empty config (which would load as the defaults)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -450,7 +454,7 @@ def validate(config: Config) -> None:
         "sample.eta=0 makes the DDIM policy deterministic; its log-probability is undefined (use e.g. 1.0)",
     )
 
-    _check_choice("train.algorithm", train.algorithm, ALGORITHMS)
+    _check_choice("train.algorithm", train.algorithm, tuple(ALGORITHMS))
     for key in ("epochs", "batch_size", "gradient_accumulation_steps", "inner_epochs", "stat_buffer_size",
                 "stat_min_count"):
         value = getattr(train, key)
@@ -472,17 +476,24 @@ def validate(config: Config) -> None:
         "so per-prompt statistics would never be used",
     )
     _check(0 <= train.rwr_percentile < 100, f"train.rwr_percentile={train.rwr_percentile:g} must be in [0, 100)")
-    if train.algorithm == "ddpo_sf":
+    if ALGORITHMS[train.algorithm].one_step_per_epoch:
         _check(
             train.inner_epochs == 1,
-            f"train.inner_epochs={train.inner_epochs} is not allowed with ddpo_sf: it takes one gradient step "
-            "per batch of data (its gradient is unbiased only on fresh samples); use ddpo_is for more",
+            f"train.inner_epochs={train.inner_epochs} is not allowed with {train.algorithm}: it takes one gradient "
+            "step per batch of data (its gradient is unbiased only on fresh samples); use ddpo_is for more",
         )
         _check(
             train.gradient_accumulation_steps == 1,
-            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} has no effect with ddpo_sf, "
-            "which accumulates the whole epoch into one step; leave it at 1",
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} has no effect with "
+            f"{train.algorithm}, which accumulates the whole epoch into one step; leave it at 1",
         )
+    # The old log-probs were recorded under guidance; recomputing them without it is another policy, and
+    # every importance ratio would sit far outside the clip range.
+    _check(
+        train.cfg or sample.guidance_scale == 1.0,
+        f"train.cfg=false with sample.guidance_scale={sample.guidance_scale:g}: samples come from the guided "
+        "policy, so log-probs must be recomputed with guidance too (set train.cfg=true or guidance_scale=1)",
+    )
 
     _check_reward(reward)
 
@@ -553,7 +564,7 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
         f"sample.num_batches_per_epoch={sample.num_batches_per_epoch})",
     )
     minibatches = samples_per_process // train.batch_size
-    if train.algorithm == "ddpo_sf":
+    if ALGORITHMS[train.algorithm].one_step_per_epoch:
         accumulation = minibatches
     else:
         accumulation = train.gradient_accumulation_steps

@@ -184,13 +184,12 @@ def prompt_file(file: str = "") -> ListPromptSource:
 
     Raises:
         ValueError: no file was given, or it holds no prompts.
-        FileNotFoundError: the file does not exist.
     """
     if not file:
         raise PromptSourceError("prompt source 'file' needs prompts.file: a text file with one prompt per line")
     path = Path(file)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file '{file}' does not exist (prompts.file)")
+        raise PromptSourceError(f"prompt file '{file}' does not exist (prompts.file)")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise PromptSourceError(f"prompt file '{file}' contains no prompts")

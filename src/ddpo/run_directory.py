@@ -86,12 +86,13 @@ class RunDirectory:
             shutil.rmtree(tmp)
         tmp.mkdir()
         write(tmp)
-        if final.exists():  # re-running an epoch after a resume: replace, never merge
-            shutil.rmtree(final)
         os.replace(tmp, final)
         if keep_last > 0:
             for _, old in self.checkpoints()[:-keep_last]:
-                shutil.rmtree(old)
+                # Rename first: a crash mid-deletion then leaves a temporary, never a checkpoint missing files.
+                doomed = self.checkpoints_dir / f".{old.name}.tmp-{os.getpid()}-pruned"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
         return final
 
     def remove_stale_temporaries(self) -> None:

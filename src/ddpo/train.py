@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -19,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .algorithms import Algorithm, build_algorithm
+from .algorithms import build_algorithm_from_config
 from .config import Config, config_to_dict, derived_batch_sizes, save_config, validate
 from .policy import StableDiffusionPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
@@ -42,21 +43,8 @@ class EpochSamples:
     indices: torch.Tensor  # (n,) global sample index of each local sample
     rewards: torch.Tensor  # (n,)
     reward_info: dict
-    seconds_sampling: float
-    seconds_waiting_for_rewards: float
-
-
-def build_algorithm_from_config(config: Config) -> Algorithm:
-    train = config.train
-    kwargs = {
-        "ddpo_is": dict(clip_range=train.clip_range, adv_clip_max=train.adv_clip_max, per_prompt_stat_tracking=train.per_prompt_stat_tracking,
-                        buffer_size=train.stat_buffer_size, min_count=train.stat_min_count),
-        "ddpo_sf": dict(adv_clip_max=train.adv_clip_max, per_prompt_stat_tracking=train.per_prompt_stat_tracking,
-                        buffer_size=train.stat_buffer_size, min_count=train.stat_min_count),
-        "rwr": dict(temperature=train.rwr_temperature),
-        "rwr_sparse": dict(percentile=train.rwr_percentile),
-    }[train.algorithm]  # fmt: skip
-    return build_algorithm(train.algorithm, **kwargs)
+    sample_seconds: float
+    reward_wait_seconds: float
 
 
 class Trainer:
@@ -77,14 +65,17 @@ class Trainer:
         self.sizes = derived_batch_sizes(config, self.accelerator.num_processes)
         self.progress = progress and self.accelerator.is_local_main_process
         device = self.accelerator.device
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.model.mixed_precision, torch.float32)
+        # Frozen weights in half precision only where mixed precision runs (not on CPU).
+        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.model.mixed_precision, torch.float32)
+        if device.type == "cpu":
+            inference_dtype = torch.float32
         # Everything that can fail on bad input (model, reward, prompts) is built before the run directory.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA's random init: the same on every rank and run
-            self.policy: StableDiffusionPolicy = build_policy(config, device, inference_dtype=half if device.type != "cpu" else torch.float32)
+            self.policy: StableDiffusionPolicy = build_policy(config, device, inference_dtype=inference_dtype)
         self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
-        self.algorithm = build_algorithm_from_config(config)
+        self.algorithm = build_algorithm_from_config(config.train)
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
             lr=config.train.lr,
@@ -94,6 +85,7 @@ class Trainer:
         )
         self.policy.denoiser, self.optimizer = self.accelerator.prepare(self.policy.unet, self.optimizer)
         self.start_epoch = 0
+        self.created_run_dir = not resume and not Path(run_dir).exists()
         if resume:
             self.run_dir = RunDirectory.open(run_dir)
             self._load_latest_checkpoint()
@@ -106,7 +98,7 @@ class Trainer:
             save_config(config, self.run_dir.config_path)
             self.run_dir.remove_stale_temporaries()
         if config.log.with_:
-            self.accelerator.init_trackers("tb", config=_flat_hparams(config))
+            self.accelerator.init_trackers(self.run_dir.tb_dir.name, config=_flat_hparams(config))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -116,10 +108,17 @@ class Trainer:
             self.save_sample_grid(0)
         try:
             for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
+                set_seed(derive_seed(self.config.seed, "epoch", epoch) % 2**32)  # for rewards that draw random numbers
                 samples = self.sample_epoch(epoch)
                 advantages = self.advantages(samples)
                 train_metrics, train_seconds = self.update(epoch, samples, advantages)
                 self.record(epoch, samples, train_metrics, train_seconds)
+        except BaseException:
+            # A run that fails before its first checkpoint can be neither resumed nor re-run into the same
+            # directory: remove what this invocation created, so nothing half-written stays behind.
+            if self.created_run_dir and self.accelerator.is_main_process and not self.run_dir.checkpoints():
+                shutil.rmtree(self.run_dir.path, ignore_errors=True)
+            raise
         finally:
             self._executor.shutdown(wait=True)
             self.accelerator.end_training()
@@ -162,8 +161,8 @@ class Trainer:
             indices=torch.tensor(all_indices, device=device),
             rewards=torch.from_numpy(np.concatenate([o.scores for o in outputs])).to(device),
             reward_info=info,
-            seconds_sampling=sampled - started,
-            seconds_waiting_for_rewards=waited,
+            sample_seconds=sampled - started,
+            reward_wait_seconds=waited,
         )
 
     def advantages(self, samples: EpochSamples) -> torch.Tensor:
@@ -183,7 +182,7 @@ class Trainer:
         started = time.perf_counter()
         trajectory = samples.trajectory
         num_samples, num_steps = len(trajectory), trajectory.num_steps
-        accumulation = sizes["accumulation_steps"] * sizes["num_train_timesteps"]
+        micro_steps_per_optimizer_step = sizes["accumulation_steps"] * sizes["num_train_timesteps"]
         totals: dict[str, list[torch.Tensor]] = {}
         micro_step = 0
         for inner in range(config.train.inner_epochs):
@@ -199,12 +198,14 @@ class Trainer:
                 rows = torch.arange(len(part), device=part.latents.device)
                 for k in range(part_steps.shape[1]):
                     micro_step += 1
-                    sync = micro_step % accumulation == 0
+                    sync = micro_step % micro_steps_per_optimizer_step == 0
                     with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
                         log_prob = self.policy.log_prob(part, part_steps[:, k : k + 1])[:, 0]
                         old_log_prob = part.log_probs[rows, part_steps[:, k]]
                         output = self.algorithm.loss(log_prob, old_log_prob, part_advantages)
-                        self.accelerator.backward(output.loss / accumulation)
+                        if not torch.isfinite(output.loss):
+                            raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss is {output.loss.item()}; stopping before it reaches the weights")
+                        self.accelerator.backward(output.loss / micro_steps_per_optimizer_step)
                     for name, value in output.metrics.items():
                         totals.setdefault(name, []).append(value.detach().float())
                     if sync:
@@ -226,8 +227,8 @@ class Trainer:
             "loss": train_metrics.get("loss", math.nan),
             "approx_kl": train_metrics.get("approx_kl", math.nan),
             "clipfrac": train_metrics.get("clipfrac", math.nan),
-            "sample_seconds": samples.seconds_sampling,
-            "reward_wait_seconds": samples.seconds_waiting_for_rewards,
+            "sample_seconds": samples.sample_seconds,
+            "reward_wait_seconds": samples.reward_wait_seconds,
             "train_seconds": train_seconds,
         }
         record.update({k: v for k, v in train_metrics.items() if k not in record})
@@ -257,10 +258,9 @@ class Trainer:
             return
         prompts = self.grid_prompts()
         seeds = self.config.log.num_eval_seeds
-        images = []
-        for row, prompt in enumerate(prompts):
-            generators = [torch.Generator().manual_seed(derive_seed(self.config.seed, "grid", row, s)) for s in range(seeds)]
-            images += self.policy.sample([prompt] * seeds, generators).images
+        cells = [(row, prompt, s) for row, prompt in enumerate(prompts) for s in range(seeds)]
+        generators = [torch.Generator().manual_seed(derive_seed(self.config.seed, "grid", row, s)) for row, _, s in cells]
+        images = self.policy.sample([prompt for _, prompt, _ in cells], generators).images  # one batch, row by row
         image_grid(images, len(prompts), seeds).save(self.run_dir.sample_grid_path(epoch))
 
     def _write_checkpoint(self, directory: Path, epoch: int) -> None:
@@ -271,6 +271,7 @@ class Trainer:
                 "epoch": epoch,
                 "optimizer": self.optimizer.state_dict(),
                 "algorithm": self.algorithm.state_dict(),
+                "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
                 "config": config_to_dict(self.config),
             },
             directory / TRAINER_STATE,
@@ -279,9 +280,11 @@ class Trainer:
     def _load_latest_checkpoint(self) -> None:
         epoch, directory = self.run_dir.latest_checkpoint()
         self.policy.load_trainable_state_dict(load_file(str(directory / "trainable.safetensors")))
-        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
+        if self.accelerator.scaler is not None and state.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.start_epoch = state["epoch"]
         if self.accelerator.is_main_process:
             self.run_dir.truncate_metrics(self.start_epoch)

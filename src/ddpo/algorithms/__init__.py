@@ -21,6 +21,13 @@ def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
     return ALGORITHMS[name](**kwargs)
 
 
+def build_algorithm_from_config(train: Any) -> Algorithm:
+    """The algorithm named by `train.algorithm`, configured from the rest of the `train` section."""
+    if train.algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {train.algorithm!r}; valid names: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[train.algorithm].from_config(train)
+
+
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
@@ -30,4 +37,5 @@ __all__ = [
     "RewardWeightedRegression",
     "SparseRewardWeightedRegression",
     "build_algorithm",
+    "build_algorithm_from_config",
 ]

@@ -33,6 +33,11 @@ class Algorithm(Protocol):
     uses_importance_ratio: bool
     one_step_per_epoch: bool
 
+    @classmethod
+    def from_config(cls, train: Any) -> "Algorithm":
+        """The algorithm configured by the `train` section of a `ddpo.config.Config`."""
+        ...
+
     def advantages(self, rewards: Tensor, prompts: list[str]) -> Tensor:
         """Advantages (or sample weights) for the whole epoch.
 

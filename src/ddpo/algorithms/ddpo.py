@@ -29,6 +29,13 @@ class _DDPOAdvantages:
         self.adv_clip_max = adv_clip_max
         self.stat_tracker = PerPromptStatTracker(buffer_size, min_count) if per_prompt_stat_tracking else None
 
+    @staticmethod
+    def _advantage_options(train: Any) -> dict[str, Any]:
+        return dict(
+            adv_clip_max=train.adv_clip_max, per_prompt_stat_tracking=train.per_prompt_stat_tracking,
+            buffer_size=train.stat_buffer_size, min_count=train.stat_min_count,
+        )  # fmt: skip
+
     def advantages(self, rewards: Tensor, prompts: list[str]) -> Tensor:
         """(n,) rewards of the whole epoch -> (n,) normalised, clipped advantages."""
         if self.stat_tracker is None:
@@ -51,6 +58,11 @@ class DDPOImportanceSampling(_DDPOAdvantages):
     name = "ddpo_is"
     uses_importance_ratio = True
     one_step_per_epoch = False
+
+    @classmethod
+    def from_config(cls, train: Any) -> "DDPOImportanceSampling":
+        """Built from the `train` config section."""
+        return cls(clip_range=train.clip_range, **cls._advantage_options(train))
 
     def __init__(
         self,
@@ -89,6 +101,11 @@ class DDPOScoreFunction(_DDPOAdvantages):
     name = "ddpo_sf"
     uses_importance_ratio = False
     one_step_per_epoch = True
+
+    @classmethod
+    def from_config(cls, train: Any) -> "DDPOScoreFunction":
+        """Built from the `train` config section."""
+        return cls(**cls._advantage_options(train))
 
     def loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor) -> LossOutput:
         """(b,) log-probs and advantages -> score-function loss; approx_kl shows drift from the sampler."""

@@ -42,6 +42,11 @@ class RewardWeightedRegression(_WeightedRegression):
 
     name = "rwr"
 
+    @classmethod
+    def from_config(cls, train: Any) -> "RewardWeightedRegression":
+        """Built from the `train` config section."""
+        return cls(temperature=train.rwr_temperature)
+
     def __init__(self, *, temperature: float) -> None:
         self.temperature = temperature
 
@@ -54,6 +59,11 @@ class SparseRewardWeightedRegression(_WeightedRegression):
     """Sparse RWR: equal weight on the samples at or above the `percentile`-th reward percentile, 0 elsewhere."""
 
     name = "rwr_sparse"
+
+    @classmethod
+    def from_config(cls, train: Any) -> "SparseRewardWeightedRegression":
+        """Built from the `train` config section."""
+        return cls(percentile=train.rwr_percentile)
 
     def __init__(self, *, percentile: float) -> None:
         self.percentile = percentile

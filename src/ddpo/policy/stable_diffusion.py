@@ -68,6 +68,21 @@ def load_pipeline(pretrained: str, revision: str | None = None) -> StableDiffusi
     return pipe
 
 
+def ddim_scheduler_for_policy(config) -> DDIMScheduler:
+    """DDIM with the pipeline's noise schedule, in the form whose every step is a Gaussian policy.
+
+    `set_alpha_to_one` is forced off: with it, the last step has sigma = 0, is deterministic, and has no
+    log-probability (SD 1.x ships it off; DDIM's default, used for configs that omit it, is on). Sample
+    clipping and dynamic thresholding would make x_{t-1} a non-Gaussian function of the model output, so
+    pipelines that use them are refused rather than silently sampled differently.
+    """
+    scheduler = DDIMScheduler.from_config(config, set_alpha_to_one=False)
+    for key in ("clip_sample", "thresholding"):
+        if scheduler.config.get(key):
+            raise PolicyLoadError(f"the pipeline's scheduler uses {key}=True, which makes a denoising step non-Gaussian; DDPO needs it off")
+    return scheduler
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
     module.to(device)
@@ -100,7 +115,7 @@ class StableDiffusionPolicy:
         self.lora = lora or LoraOptions()
         self.train_cfg = train_cfg
         self.device = torch.device(device)
-        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.scheduler = ddim_scheduler_for_policy(pipeline.scheduler.config)
         self.scheduler.set_timesteps(sampling.num_steps, device=self.device)
         self.prediction_type: str = self.scheduler.config.prediction_type
         self.vae, self.text_encoder, self.tokenizer, self.unet = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet
@@ -158,7 +173,9 @@ class StableDiffusionPolicy:
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+            # The adapter config travels with the weights: without it, load_lora_weights assumes alpha = rank.
+            metadata = self.unet.peft_config["default"].to_dict()
+            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
         else:
             self.unet.save_pretrained(directory / "unet", safe_serialization=True)
 

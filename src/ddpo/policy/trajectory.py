@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -59,9 +59,3 @@ class Trajectory:
             metadata=[x for p in parts for x in p.metadata],
             images=[x for p in parts for x in p.images],
         )
-
-    def to(self, device: torch.device | str) -> "Trajectory":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in self._TENSORS:
-            values[name] = values[name].to(device)
-        return Trajectory(**values)
