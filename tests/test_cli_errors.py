@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import cli_args
 
@@ -94,3 +95,11 @@ def test_resume_refuses_keys_the_checkpoint_depends_on(tiny_pipeline_dir, tmp_pa
     out = tmp_path / "run"
     assert run(cli_args(tiny_pipeline_dir, out, **{"sample.num_steps": 2, "train.epochs": 1})).exit_code == 0
     assert_one_line_error(run(["train", "--resume", str(out), "--set", "model.lora_rank=8"]), "model.lora_rank=8", "--resume can only change")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_fp16_without_a_gpu_is_refused_in_one_line(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run([*cli_args(tiny_pipeline_dir, out), "--set", 'model.mixed_precision="fp16"'])
+    assert_one_line_error(result, "model.mixed_precision='fp16' needs a CUDA GPU")
+    assert not out.exists()

@@ -22,10 +22,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from safetensors.torch import load_file, save_file
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .algorithms import build_algorithm_from_config
-from .config import Config, config_to_dict, derived_batch_sizes, save_config, validate
+from .config import Config, ConfigError, config_to_dict, derived_batch_sizes, save_config, validate
 from .policy import StableDiffusionPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
 from .rewards import RewardOutput, build_reward_from_config
@@ -52,6 +53,8 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> None:
         validate(config)
+        if config.model.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("model.mixed_precision='fp16' needs a CUDA GPU; use 'no' (or 'bf16') on this machine")
         self.config = config
         # accelerate only sets up a multi-process CPU group (gloo) when told the run is on CPU; without this, a
         # `accelerate launch --num_processes 2` on a machine with no GPU would train 2 unsynchronised copies.
@@ -122,6 +125,8 @@ class Trainer:
         finally:
             self._executor.shutdown(wait=True)
             self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            self.save_before_after()
         return self.run_dir.path
 
     def describe(self) -> None:
@@ -262,6 +267,17 @@ class Trainer:
         generators = [torch.Generator().manual_seed(derive_seed(self.config.seed, "grid", row, s)) for row, _, s in cells]
         images = self.policy.sample([prompt for _, prompt, _ in cells], generators).images  # one batch, row by row
         image_grid(images, len(prompts), seeds).save(self.run_dir.sample_grid_path(epoch))
+
+    def save_before_after(self) -> None:
+        """samples/before-after.png: the grid before training next to the last epoch's (same prompts, same seeds)."""
+        first, last = self.run_dir.sample_grid_path(0), self.run_dir.sample_grid_path(self.config.train.epochs)
+        if first.is_file() and last.is_file() and first != last:
+            before, after = Image.open(first), Image.open(last)
+            gap = before.width // 16
+            canvas = Image.new("RGB", (before.width + gap + after.width, before.height), "white")
+            canvas.paste(before, (0, 0))
+            canvas.paste(after, (before.width + gap, 0))
+            canvas.save(self.run_dir.samples_dir / "before-after.png")
 
     def _write_checkpoint(self, directory: Path, epoch: int) -> None:
         self.policy.save_adapter(directory)
