@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .render import COLORS, SHAPES, Scene, caption, random_scene, render_batch
+from .render import COLORS, SHAPES, Scene, caption, render_batch, uniform_scene
 
 COLOR_NAMES = tuple(COLORS)
 NUM_COUNTS = 3
@@ -130,9 +130,9 @@ def _degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def training_set(num_images: int, seed: int, size: int = 32) -> tuple[torch.Tensor, list[Scene]]:
-    """Rendered images with every colour-shape pair (unusual ones included: recognisers must know them)."""
+    """Rendered images of every colour-shape pair equally often (recognisers must know the unusual ones)."""
     rng = random.Random(seed)
-    scenes = [random_scene(rng, unusual_fraction=1 / 3) for _ in range(num_images)]
+    scenes = [uniform_scene(rng) for _ in range(num_images)]
     return images_to_tensor(render_batch(scenes, seed, size)), scenes
 
 
@@ -165,7 +165,7 @@ def train_recognizer(
 def exact_accuracy(model: Recognizer, num_images: int = 2000, seed: int = 12345) -> float:
     """Fraction of freshly rendered images whose count, colour and shape are all named correctly."""
     rng = random.Random(seed)
-    scenes = [random_scene(rng, unusual_fraction=1 / 3) for _ in range(num_images)]
+    scenes = [uniform_scene(rng) for _ in range(num_images)]
     predicted = []
     for start in range(0, num_images, 500):
         predicted += model.predict(render_batch(scenes[start : start + 500], seed + start))

@@ -6,8 +6,9 @@ what it drew, recognisers trained on it (the describer and the judge) can be tra
 accuracy, and a generated image can be scored against its prompt without human labels.
 
 The "unusual" colour-shape pairs are the miniature of the paper's "animals doing human activities": they
-are rare in pretraining (together at most `UNUSUAL_PRETRAIN_FRACTION` of the images), so the pretrained
-model draws them poorly, and RL on half of them is measured on the other, held-out half.
+are rare in pretraining (together at most `UNUSUAL_PRETRAIN_FRACTION` of the images) and go against its
+colour-shape correlations, so the pretrained model draws them poorly; RL on half of them is measured on the
+other, held-out half.
 """
 
 from __future__ import annotations
@@ -31,8 +32,23 @@ PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle":
 COUNT_WORDS: tuple[str, ...] = ("a", "two", "three")
 COUNTS: tuple[int, ...] = (1, 2, 3)
 
-# Colour-shape pairs that are rare in pretraining. Each shape appears once per half, so RL on the training
-# half cannot simply learn one shape; the held-out half is never seen by RL.
+# Pretraining is biased the way web data is: each shape comes in two "home" colours (circles are red or cyan,
+# crosses yellow or magenta, ...), so colour and shape words are strongly correlated. Every other pair is
+# "unusual": rare in pretraining (together at most `UNUSUAL_PRETRAIN_FRACTION` of the images). A first
+# pretraining run with unusual pairs spread evenly over the grid showed the UNet generalising to them almost
+# perfectly; under this correlation, "a red triangle" pulls towards red circles and blue triangles, which is
+# the miniature of the paper's "a dog riding a bike".
+COMMON: tuple[tuple[str, str], ...] = (
+    ("red", "circle"), ("cyan", "circle"),
+    ("green", "square"), ("magenta", "square"),
+    ("blue", "triangle"), ("cyan", "triangle"),
+    ("yellow", "cross"), ("magenta", "cross"),
+)  # fmt: skip
+UNUSUAL: tuple[tuple[str, str], ...] = tuple(
+    (color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in COMMON
+)
+# The RL experiment: train on one half of these unusual pairs, measure on the other, held-out half. Each shape
+# and each of red, green, blue and yellow appears once per half.
 UNUSUAL_TRAIN: tuple[tuple[str, str], ...] = (
     ("red", "triangle"),
     ("green", "cross"),
@@ -40,16 +56,12 @@ UNUSUAL_TRAIN: tuple[tuple[str, str], ...] = (
     ("yellow", "square"),
 )
 UNUSUAL_HELDOUT: tuple[tuple[str, str], ...] = (
-    ("cyan", "triangle"),
-    ("magenta", "cross"),
+    ("red", "square"),
+    ("green", "triangle"),
+    ("blue", "cross"),
     ("yellow", "circle"),
-    ("green", "square"),
 )
-UNUSUAL: tuple[tuple[str, str], ...] = UNUSUAL_TRAIN + UNUSUAL_HELDOUT
-UNUSUAL_PRETRAIN_FRACTION = 0.005
-COMMON: tuple[tuple[str, str], ...] = tuple(
-    (color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in UNUSUAL
-)
+UNUSUAL_PRETRAIN_FRACTION = 0.008
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,11 @@ def random_scene(rng: random.Random, unusual_fraction: float = UNUSUAL_PRETRAIN_
     pairs = UNUSUAL if rng.random() < unusual_fraction else COMMON
     color, shape = rng.choice(pairs)
     return Scene(rng.choice(COUNTS), color, shape)
+
+
+def uniform_scene(rng: random.Random) -> Scene:
+    """A scene with every count, colour and shape equally likely (for recognisers and the VAE)."""
+    return Scene(rng.choice(COUNTS), rng.choice(tuple(COLORS)), rng.choice(SHAPES))
 
 
 # Object layouts in units of the image size: centres for each count, with per-count object size. Sizes and
