@@ -3,23 +3,24 @@
 - `shapes_unusual_train`: the 12 captions (3 counts x 4 pairs) of the unusual pairs RL trains on, the
   miniature of the paper's "animals doing human activities".
 - `shapes_unusual_heldout`: the 12 captions of the other unusual pairs, never seen by RL (for evaluation).
-- `shapes_common`: the 48 captions of the common pairs (16 pairs x 3 counts).
-- `shapes_all`: all 72 captions: common, then unusual train, then unusual held-out.
+- `shapes_common`: the 24 captions of the common pairs (8 pairs x 3 counts).
+- `shapes_all`: all 72 captions: common, unusual train, unusual held-out, then the other unusual pairs.
 
-Metadata of each prompt: `count` (1-3), `color`, `shape` and `group` ("common", "unusual_train" or
-"unusual_heldout", the names `ddpo.toyworld.evaluation` reports under).
+Metadata of each prompt: `count` (1-3), `color`, `shape` and `group` ("common", "unusual_train",
+"unusual_heldout" (the names `ddpo.toyworld.evaluation` reports under) or "unusual_other").
 """
 
 from __future__ import annotations
 
 from ddpo.prompts import ListPromptSource, register_prompt_source
 
-from .render import COMMON, COUNTS, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, caption
+from .render import COMMON, COUNTS, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, caption
 
 GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
     "common": COMMON,
     "unusual_train": UNUSUAL_TRAIN,
     "unusual_heldout": UNUSUAL_HELDOUT,
+    "unusual_other": tuple(pair for pair in UNUSUAL if pair not in UNUSUAL_TRAIN + UNUSUAL_HELDOUT),
 }
 """Colour-shape pairs of each prompt group."""
 
@@ -44,17 +45,17 @@ def shapes_unusual_train() -> ListPromptSource:
 
 @register_prompt_source("shapes_unusual_heldout")
 def shapes_unusual_heldout() -> ListPromptSource:
-    """The 12 captions of the held-out unusual pairs, e.g. "a cyan triangle"."""
+    """The 12 captions of the held-out unusual pairs, e.g. "a red square"."""
     return shapes_source("unusual_heldout")
 
 
 @register_prompt_source("shapes_common")
 def shapes_common() -> ListPromptSource:
-    """The 48 captions of the common pairs, e.g. "three blue squares"."""
+    """The 24 captions of the common pairs, e.g. "three blue triangles"."""
     return shapes_source("common")
 
 
 @register_prompt_source("shapes_all")
 def shapes_all() -> ListPromptSource:
     """All 72 captions of the Shapes world."""
-    return shapes_source("common", "unusual_train", "unusual_heldout")
+    return shapes_source("common", "unusual_train", "unusual_heldout", "unusual_other")
