@@ -101,6 +101,7 @@ def sample(model: str, lora: str | None, prompt: str, num_images: int, seed: int
 
     from .config import Config, load_config
     from .policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline, resolve_model
+    from .policy.stable_diffusion import native_image_size
     from .run_directory import RunDirectory, resolve_adapter_dir
     from .utils import image_grid
 
@@ -111,7 +112,7 @@ def sample(model: str, lora: str | None, prompt: str, num_images: int, seed: int
         pipe = load_pipeline(resolve_model(model))
         if adapter_dir is not None:
             pipe.load_lora_weights(str(adapter_dir))
-        native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        native = native_image_size(pipe)
         sampling = SamplingOptions(
             num_steps=num_steps or config.sample.num_steps,
             eta=config.sample.eta if eta is None else eta,

@@ -83,6 +83,16 @@ def ddim_scheduler_for_policy(config) -> DDIMScheduler:
     return scheduler
 
 
+def vae_scale_factor(pipeline: StableDiffusionPipeline) -> int:
+    """Pixels per latent cell: the VAE halves the resolution once per block after the first."""
+    return 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+
+
+def native_image_size(pipeline: StableDiffusionPipeline) -> int:
+    """The image size (pixels) the UNet was trained at."""
+    return pipeline.unet.config.sample_size * vae_scale_factor(pipeline)
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
     module.to(device)
@@ -218,7 +228,7 @@ class StableDiffusionPolicy:
         )  # fmt: skip
 
     def latent_shape(self) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(self.pipeline)
         return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
 
     @torch.no_grad()

@@ -42,11 +42,12 @@ def judge_exact_match(
     base and fine-tuned models are compared on identical noise.
     """
     from ..policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline
+    from ..policy.stable_diffusion import native_image_size
 
     pipe = load_pipeline(str(pipeline_dir))
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
-    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = native_image_size(pipe)
     sampling = SamplingOptions(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, height=size, width=size)
     policy = StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
     judge = load_recognizer(judge_path, "judge")
