@@ -20,6 +20,7 @@ def tiny_overrides(model_dir, **extra) -> list[str]:
         "log.num_eval_seeds": 2,
         "log.grid_prompts": '["a cat", "a dog"]',
         "log.with": "[]",
+        "log.eval_every": 0,  # tests of the periodic evaluation turn it on
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
@@ -43,3 +44,15 @@ def short_reward(images, prompts, metadata):
 
 def raising_reward(images, prompts, metadata):
     raise ValueError("the scorer is offline")
+
+
+# The held-out scorer of the early-stopping test: evaluation k (0 = before training) scores every image
+# HELDOUT_SCHEDULE[k], so the test knows which epoch is the held-out best.
+HELDOUT_SCHEDULE: list[float] = []
+heldout_calls: list[int] = []
+
+
+def scripted_heldout(images, prompts, metadata):
+    index = len(heldout_calls)
+    heldout_calls.append(index)
+    return [HELDOUT_SCHEDULE[min(index, len(HELDOUT_SCHEDULE) - 1)]] * len(images)

@@ -11,7 +11,7 @@ import click
 
 DEFAULT_PRESET = "shapes/default"
 # Keys a resumed run may change: how long it runs and how it logs, not what the checkpoint holds.
-RESUMABLE_OVERRIDES = ("train.epochs=", "log.")
+RESUMABLE_OVERRIDES = ("train.epochs=", "train.early_stop", "log.")
 
 
 class UserError(click.ClickException):
@@ -84,50 +84,161 @@ def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
     click.echo(f"run directory: {path}")
 
 
+def _run_config(path: str | None):
+    """The config of the run a --lora/target path belongs to (RUN_DIR or RUN_DIR/checkpoints/epoch-NNNN), or None."""
+    from .config import load_config
+    from .run_directory import run_of_checkpoint
+
+    run = run_of_checkpoint(path) if path else None
+    return load_config(run.config_path) if run is not None else None
+
+
+def _policy_for(model: str, checkpoint_dir, sampling):
+    """A sampling-only policy over `model` (hub id, directory or 'shapes') with a checkpoint applied, if any."""
+    from .policy import LoraOptions, StableDiffusionPolicy, load_pipeline, resolve_model
+    from .run_directory import load_checkpoint_into
+
+    pipe = load_pipeline(resolve_model(model))
+    if checkpoint_dir is not None:
+        load_checkpoint_into(pipe, checkpoint_dir)
+    return StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
+
+
+CHECKPOINT_HELP = "With a run directory: an epoch number, 'latest', 'best' (best.json), or 'auto' (best if marked, else latest)."
+
+
 @main.command()
-@click.option("--model", "model", default="shapes", show_default=True, help="Hub id, local pipeline directory, or 'shapes'.")
-@click.option("--lora", type=click.Path(exists=True), help="A run directory (its latest checkpoint) or a checkpoint directory.")
-@click.option("--prompt", required=True, help="Text prompt.")
-@click.option("-n", "num_images", default=4, show_default=True, help="Images (one per seed: seed, seed+1, ...).")
+@click.option("--model", "model", help="Hub id, local pipeline directory, or 'shapes' (default: the --lora run's model, else 'shapes').")
+@click.option("--lora", type=click.Path(exists=True), help="A run directory or a checkpoint directory (LoRA or full UNet).")
+@click.option("--checkpoint", "which", default="auto", show_default=True, help=CHECKPOINT_HELP)
+@click.option("--prompt", "prompts", required=True, multiple=True, help="Text prompt; repeatable (one grid row each).")
+@click.option("-n", "num_images", default=4, show_default=True, help="Images per prompt (one per seed: seed, seed+1, ...).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", "num_steps", type=int, help="Denoising steps (default: the run's config, else 50).")
 @click.option("--guidance", "guidance_scale", type=float, help="CFG scale (default: the run's config, else 5).")
 @click.option("--eta", type=float, help="DDIM eta (default: the run's config, else 1).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG (a row of images).")
-def sample(model: str, lora: str | None, prompt: str, num_images: int, seed: int, num_steps, guidance_scale, eta, out: str) -> None:
-    """Sample images from a base model, optionally with a trained LoRA."""
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG: a grid, one row per prompt.")
+def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, ...], num_images: int, seed: int, num_steps, guidance_scale, eta, out: str) -> None:
+    """Sample images from a base model, or from base + a run's checkpoint (any epoch)."""
     _quiet_libraries()
     import torch
 
-    from .config import Config, load_config
-    from .policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline, resolve_model
+    from .config import Config
+    from .policy import SamplingOptions, load_pipeline, resolve_model
     from .policy.stable_diffusion import native_image_size
-    from .run_directory import RunDirectory, resolve_adapter_dir
+    from .run_directory import resolve_adapter_dir
     from .utils import image_grid
 
     try:
-        adapter_dir = resolve_adapter_dir(lora) if lora else None
-        from_run = bool(lora) and RunDirectory(lora).config_path.is_file()
-        config = load_config(RunDirectory(lora).config_path) if from_run else Config()  # sample as the run trained
-        pipe = load_pipeline(resolve_model(model))
-        if adapter_dir is not None:
-            pipe.load_lora_weights(str(adapter_dir))
-        native = native_image_size(pipe)
+        checkpoint_dir = resolve_adapter_dir(lora, which) if lora else None
+        run_config = _run_config(lora)
+        config = run_config or Config()  # sample as the run trained
+        model = model or (config.model.pretrained if run_config else "shapes")
+        size = None if run_config else native_image_size(load_pipeline(resolve_model(model)))
         sampling = SamplingOptions(
             num_steps=num_steps or config.sample.num_steps,
             eta=config.sample.eta if eta is None else eta,
             guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
-            height=config.sample.height if from_run else native,
-            width=config.sample.width if from_run else native,
+            height=size or config.sample.height,
+            width=size or config.sample.width,
         )
-        policy = StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-        images = policy.sample([prompt] * num_images, generators).images
+        policy = _policy_for(model, checkpoint_dir, sampling)
+        cells = [(prompt, seed + i) for prompt in prompts for i in range(num_images)]
+        images = policy.sample([p for p, _ in cells], [torch.Generator().manual_seed(s) for _, s in cells]).images
     except _user_errors() as error:
         raise UserError(str(error)) from error
+    if checkpoint_dir is not None:
+        click.echo(f"checkpoint: {checkpoint_dir}", err=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, 1, num_images).save(out)
+    image_grid(images, len(prompts), num_images).save(out)
     click.echo(out)
+
+
+@main.command("eval")
+@click.argument("target", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", "which", multiple=True, help=CHECKPOINT_HELP + " Repeatable; 'all' for every kept one. Default: best (if marked) and latest.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="Held-out prompts, one per line (default: prompts.heldout_file / the Shapes held-out half); those the run trained on count as trained.")
+@click.option("--reward", "rewards", multiple=True, help="Reward name or package.module:function; repeatable (default: the run's reward and held-out scorer).")
+@click.option("--seeds", type=int, help="Seeds per prompt (default: log.num_eval_seeds).")
+@click.option("--no-base", is_flag=True, help="Skip the base model.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write the JSON (default: TARGET/eval.json).")
+def eval_command(target: str, which: tuple[str, ...], prompts_file: str | None, rewards: tuple[str, ...], seeds: int | None, no_base: bool, out: str | None) -> None:
+    """Score base model and checkpoints on fixed prompts x fixed seeds, trained vs held-out prompts (JSON)."""
+    _quiet_libraries()
+    import json
+
+    from .evaluate import GROUPS, eval_prompts_of, eval_rewards_of, evaluate_policy
+    from .policy import SamplingOptions
+    from .run_directory import RunDirectory, RunDirectoryError, epoch_name, run_of_checkpoint, write_text_atomic
+
+    try:
+        run = run_of_checkpoint(target)
+        if run is None:
+            raise RunDirectoryError(f"{target}: not a run directory nor a checkpoint inside one (RUN_DIR/checkpoints/epoch-NNNN); its run's config.toml says how to sample and score")
+        config = _run_config(target)
+        if seeds is not None and seeds < 1:
+            raise UserError(f"--seeds {seeds} must be at least 1")
+        num_seeds = seeds or config.log.num_eval_seeds
+        if Path(target).resolve() == run.path.resolve():
+            default = ["best", "latest"] if run.best_epoch() is not None else ["latest"]
+            choices = list(which) or default
+            if "all" in choices:
+                chosen = [epoch for epoch, _ in run.checkpoints()]
+            else:
+                chosen = [run.checkpoint(choice)[0] for choice in choices]
+            checkpoints = {epoch_name(e): run.checkpoint(e)[1] for e in sorted(dict.fromkeys(chosen))}
+        else:
+            if which:
+                raise UserError("--checkpoint picks among a run's checkpoints; TARGET is already one checkpoint")
+            checkpoints = {Path(target).name: Path(target)}
+        eval_prompts = eval_prompts_of(config, prompts_file)
+        scorers = eval_rewards_of(config, rewards)
+        sampling = SamplingOptions(
+            num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+            height=config.sample.height, width=config.sample.width, scheduler=config.sample.scheduler,
+        )  # fmt: skip
+        models = {} if no_base else {"base": None}
+        models.update(checkpoints)
+        results = {}
+        for name, checkpoint_dir in models.items():
+            policy = _policy_for(config.model.pretrained, checkpoint_dir, sampling)
+            results[name] = evaluate_policy(policy, eval_prompts, scorers, num_seeds, config.sample.batch_size)
+    except _user_errors() as error:
+        raise UserError(str(error)) from error
+    report = {
+        "run": str(run.path),
+        "model": config.model.pretrained,
+        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
+        "seeds": num_seeds,
+        "sampling": {"num_steps": sampling.num_steps, "eta": sampling.eta, "guidance_scale": sampling.guidance_scale},
+        "rewards": list(scorers),
+        "prompts": {group: eval_prompts.of_group(group) for group in GROUPS},
+        "models": results,
+    }
+    if "base" in results:
+        base = results["base"]["groups"]
+        report["gain_over_base"] = {
+            name: {group: {reward: round(result["groups"][group][reward] - base[group][reward], 6) for reward in scorers} for group in result["groups"]}
+            for name, result in results.items() if name != "base"
+        }  # fmt: skip
+    text = json.dumps(report, indent=2)
+    destination = Path(out) if out else Path(target) / "eval.json"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(destination, text + "\n")
+    click.echo(text)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/report.html: curves, per-prompt rewards, same-seed samples across epochs, config."""
+    from .report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except _user_errors() as error:
+        raise UserError(str(error)) from error
+    click.echo(path)
 
 
 @main.group()

@@ -140,6 +140,11 @@ class TrainConfig:
     """RWR weights are exp(reward / temperature), normalized."""
     rwr_percentile: float = 90.0
     """rwr_sparse keeps the samples whose reward is above this percentile, in [0, 100)."""
+    early_stop_on_heldout: bool = False
+    """Stop when the held-out score of the periodic evaluation (`log.eval_every`, `log.heldout_reward`) has not
+    improved for `early_stop_patience` epochs; its best epoch is checkpointed and named in RUN_DIR/best.json."""
+    early_stop_patience: int = 10
+    """Epochs without a new best held-out score before `early_stop_on_heldout` stops the run."""
 
 
 @dataclass
@@ -163,7 +168,10 @@ class PromptsConfig:
     file: str = ""
     """Prompt file of the "file" source, one prompt per line."""
     eval_prompts: list[str] = field(default_factory=list)
-    """Prompts of `ddpo eval`; empty means every prompt of the source."""
+    """Trained prompts of `ddpo eval` and of the periodic evaluation; empty means every prompt of the source."""
+    heldout_file: str = ""
+    """Held-out prompts, one per line, never trained on: evaluation reports them apart (generalization).
+    Empty: the Shapes world's held-out unusual prompts when `source` is "shapes_unusual_train", else none."""
 
 
 @dataclass
@@ -174,10 +182,19 @@ class LogConfig:
     """Epochs between checkpoints."""
     keep_last: int = 3
     """Checkpoints kept on disk, the oldest deleted first; 0 keeps all."""
-    with_: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Trackers for accelerate's `log_with` (TOML key `log.with`): "tensorboard", "wandb", ...; [] for none."""
+    with_: list[str] = field(default_factory=list)
+    """Trackers besides TensorBoard, which always logs to RUN_DIR/tb (TOML key `log.with`): e.g. ["wandb"]."""
     num_eval_seeds: int = 4
     """Seeds per prompt of the sample grid and of evaluation."""
+    eval_every: int = 5
+    """Epochs between evaluations on fixed prompts x fixed seeds (training reward, held-out score, KL to the
+    base model, diversity; RUN_DIR/monitor.jsonl), the model before training included; 0 never evaluates."""
+    eval_num_prompts: int = 12
+    """Trained and held-out prompts each of the periodic evaluation, spread evenly over each list; 0 = all."""
+    heldout_reward: str = ""
+    """Reward that scores the evaluation samples but is never trained on (over-optimization shows as it
+    falling while the training reward rises): a registered name or "package.module:function". Empty: the
+    Shapes world's judge ("shapes_judge") when prompts.source is a Shapes source, else none; "none": none."""
     grid_prompts: list[str] = field(default_factory=list)
     """Prompts of the per-epoch sample grid; empty means the source's first few."""
 
@@ -509,8 +526,31 @@ def validate(config: Config) -> None:
     _check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
     _check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
     _check(log.num_eval_seeds >= 1, f"log.num_eval_seeds={log.num_eval_seeds} must be at least 1")
+    _check(log.eval_every >= 0, f"log.eval_every={log.eval_every} must be >= 0 (0 never evaluates)")
+    _check(log.eval_num_prompts >= 0, f"log.eval_num_prompts={log.eval_num_prompts} must be >= 0 (0 = all)")
+    heldout = heldout_reward_name(config)
+    if heldout is not None:
+        _check(heldout != reward.name or bool(reward.terms), f"log.heldout_reward={heldout!r} is the training reward; a held-out scorer must be another one")
+        try:
+            check_reward(heldout, {})
+        except ValueError as error:
+            raise ConfigError(f"log.heldout_reward: {error}") from error
+    _check(train.early_stop_patience >= 1, f"train.early_stop_patience={train.early_stop_patience} must be at least 1")
+    if train.early_stop_on_heldout:
+        _check(log.eval_every >= 1, "train.early_stop_on_heldout=true needs the periodic evaluation: set log.eval_every >= 1")
+        _check(heldout is not None, "train.early_stop_on_heldout=true needs a held-out scorer: set log.heldout_reward")
 
     derived_batch_sizes(config, num_processes=1)
+
+
+def heldout_reward_name(config: Config) -> str | None:
+    """The held-out scorer of `log.heldout_reward` after its default: the judge for Shapes prompts, else None."""
+    name = config.log.heldout_reward.strip()
+    if name == "none":
+        return None
+    if name:
+        return name
+    return "shapes_judge" if config.prompts.source.startswith("shapes_") else None
 
 
 def _check_reward_name(key: str, name: str, kwargs: dict) -> None:

@@ -2,8 +2,13 @@
 
     RUN_DIR/config.toml               the fully resolved config
     RUN_DIR/metrics.jsonl             one JSON object per finished epoch
+    RUN_DIR/prompt_rewards.jsonl      per epoch, each prompt's reward mean, std and count
+    RUN_DIR/monitor.jsonl             per evaluation (log.eval_every): held-out score, KL to the base, diversity
     RUN_DIR/samples/epoch-NNNN.png    fixed prompts x fixed seeds (epoch-0000 is the model before training)
+    RUN_DIR/samples/grid.json         the grid's prompts (rows) and seeds (columns)
     RUN_DIR/checkpoints/epoch-NNNN/   adapter weights in diffusers format + trainer state
+    RUN_DIR/best.json                 the checkpoint with the best held-out score (train.early_stop_on_heldout)
+    RUN_DIR/report.html               the run's report (`ddpo report`)
     RUN_DIR/tb/                       TensorBoard events
 """
 
@@ -18,6 +23,8 @@ from pathlib import Path
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})$")
 TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_CHOICES = ("auto", "latest", "best")
+"""How a run directory names one of its checkpoints (besides an epoch number); "auto" is best, else latest."""
 
 
 class RunDirectoryError(ValueError):
@@ -36,6 +43,11 @@ class RunDirectory:
         self.samples_dir = self.path / "samples"
         self.checkpoints_dir = self.path / "checkpoints"
         self.tb_dir = self.path / "tb"
+        self.prompt_rewards_path = self.path / "prompt_rewards.jsonl"
+        self.monitor_path = self.path / "monitor.jsonl"
+        self.best_path = self.path / "best.json"
+        self.grid_layout_path = self.samples_dir / "grid.json"
+        self.report_path = self.path / "report.html"
 
     @classmethod
     def create(cls, path: str | Path) -> "RunDirectory":
@@ -78,7 +90,9 @@ class RunDirectory:
         return found[-1] if found else None
 
     def write_checkpoint(self, epoch: int, write: Callable[[Path], None], keep_last: int = 0) -> Path:
-        """Write into a temporary directory, then rename: a crash leaves the previous checkpoints intact."""
+        """Write into a temporary directory, then rename: a crash leaves the previous checkpoints intact.
+
+        `keep_last` prunes the oldest checkpoints, never the one best.json names."""
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints_dir / epoch_name(epoch)
         tmp = self.checkpoints_dir / f".{epoch_name(epoch)}.tmp-{os.getpid()}"
@@ -88,7 +102,10 @@ class RunDirectory:
         write(tmp)
         os.replace(tmp, final)
         if keep_last > 0:
-            for _, old in self.checkpoints()[:-keep_last]:
+            best = self.best_epoch()
+            for old_epoch, old in self.checkpoints()[:-keep_last]:
+                if old_epoch == best:
+                    continue
                 # Rename first: a crash mid-deletion then leaves a temporary, never a checkpoint missing files.
                 doomed = self.checkpoints_dir / f".{old.name}.tmp-{os.getpid()}-pruned"
                 os.replace(old, doomed)
@@ -100,36 +117,117 @@ class RunDirectory:
             for child in self.checkpoints_dir.glob(".epoch-*.tmp-*"):
                 shutil.rmtree(child, ignore_errors=True)
 
+    def best_epoch(self) -> int | None:
+        """The epoch best.json names, or None."""
+        try:
+            return int(json.loads(self.best_path.read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_best(self, record: dict) -> None:
+        """best.json: {"epoch", "checkpoint", "metric", "value", ...}, written atomically."""
+        write_text_atomic(self.best_path, json.dumps(record, indent=2) + "\n")
+
+    def checkpoint(self, which: str | int = "auto") -> tuple[int, Path]:
+        """The checkpoint `which` names: an epoch, "latest", "best" (best.json), or "auto" (best, else latest).
+
+        Raises:
+            RunDirectoryError: naming what is missing.
+        """
+        found = dict(self.checkpoints())
+        if not found:
+            raise RunDirectoryError(f"{self.path}: the run has no checkpoint yet")
+        best = self.best_epoch()
+        if which == "auto":
+            which = "best" if best is not None and best in found else "latest"
+        if which == "latest":
+            epoch = max(found)
+        elif which == "best":
+            if best is None:
+                raise RunDirectoryError(f"{self.path}: no best.json (only runs with train.early_stop_on_heldout=true mark a best checkpoint)")
+            epoch = best
+        else:
+            try:
+                epoch = int(which)
+            except ValueError:
+                raise RunDirectoryError(f"checkpoint {which!r}: give an epoch number or one of {', '.join(CHECKPOINT_CHOICES)}") from None
+        if epoch not in found:
+            raise RunDirectoryError(f"{self.path}: no checkpoint of epoch {epoch} (have {', '.join(map(str, sorted(found)))})")
+        return epoch, found[epoch]
+
     # ---- metrics ----------------------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.metrics_path, record)
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.metrics_path)
 
     def truncate_metrics(self, last_epoch: int) -> None:
-        """Drop records of epochs after `last_epoch` (written before a crash, not covered by a checkpoint)."""
-        kept = [r for r in self.read_metrics() if r["epoch"] <= last_epoch]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.metrics_path)
+        """Drop records of epochs after `last_epoch` (written before a crash, not covered by a checkpoint),
+        from metrics.jsonl and the other per-epoch logs."""
+        for path in (self.metrics_path, self.prompt_rewards_path, self.monitor_path):
+            if path.exists() or path == self.metrics_path:
+                kept = [r for r in read_jsonl(path) if r["epoch"] <= last_epoch]
+                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def sample_grid_path(self, epoch: int) -> Path:
         return self.samples_dir / f"{epoch_name(epoch)}.png"
 
 
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """A run directory (-> its latest checkpoint) or a checkpoint directory holding LoRA weights."""
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path, *, tolerant: bool = False) -> list[dict]:
+    """One dict per non-blank line; `tolerant` skips lines that do not parse (a crash mid-append) instead of raising."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not tolerant:
+                raise
+    return records
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_of_checkpoint(path: str | Path) -> RunDirectory | None:
+    """The run a path belongs to: the run directory itself, or RUN_DIR/checkpoints/epoch-NNNN; else None."""
+    path = Path(path)
+    for candidate in (path, path.parent.parent):
+        if RunDirectory(candidate).config_path.is_file() and (candidate == path or path.parent.name == "checkpoints"):
+            return RunDirectory(candidate)
+    return None
+
+
+def resolve_adapter_dir(path: str | Path, which: str | int = "auto") -> Path:
+    """A run directory (-> its checkpoint `which`, see `RunDirectory.checkpoint`) or a checkpoint directory
+    holding LoRA weights (`pytorch_lora_weights.safetensors`) or full UNet weights (`unet/`)."""
     path = Path(path)
     run = RunDirectory(path)
     if run.config_path.is_file():
-        latest = run.latest_checkpoint()
-        if latest is None:
-            raise RunDirectoryError(f"{path}: the run has no checkpoint yet")
-        path = latest[1]
-    if not (path / "pytorch_lora_weights.safetensors").is_file():
-        raise RunDirectoryError(f"{path}: no pytorch_lora_weights.safetensors there (not a run or a LoRA checkpoint)")
+        path = run.checkpoint(which)[1]
+    if not (path / "pytorch_lora_weights.safetensors").is_file() and not (path / "unet").is_dir():
+        raise RunDirectoryError(f"{path}: neither pytorch_lora_weights.safetensors nor unet/ there (not a run or a checkpoint)")
     return path
+
+
+def load_checkpoint_into(pipeline, checkpoint_dir: Path) -> None:
+    """Apply a checkpoint to a loaded pipeline: its LoRA (diffusers' `load_lora_weights`) or its full UNet."""
+    if (checkpoint_dir / "pytorch_lora_weights.safetensors").is_file():
+        pipeline.load_lora_weights(str(checkpoint_dir))
+    else:
+        from diffusers import UNet2DConditionModel
+
+        pipeline.unet = UNet2DConditionModel.from_pretrained(checkpoint_dir / "unet")

@@ -7,6 +7,7 @@ A resumed run therefore replays exactly the draws the uninterrupted run would ha
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -20,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.tracking import TensorBoardTracker, get_available_trackers
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .algorithms import build_algorithm_from_config
 from .config import Config, ConfigError, config_to_dict, derived_batch_sizes, save_config, validate
+from .monitor import EARLY_STOP_METRIC, Monitor, tracker_metrics
 from .policy import StableDiffusionPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
 from .rewards import RewardOutput, build_reward_from_config
-from .run_directory import TRAINER_STATE, RunDirectory
+from .run_directory import TRAINER_STATE, RunDirectory, append_jsonl, epoch_name, read_jsonl, write_text_atomic
 from .utils import derive_seed, generators_for, image_grid
 
 GRID_PROMPTS = 4
@@ -59,10 +62,12 @@ class Trainer:
         # accelerate only sets up a multi-process CPU group (gloo) when told the run is on CPU; without this, a
         # `accelerate launch --num_processes 2` on a machine with no GPU would train 2 unsynchronised copies.
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        # TensorBoard always logs, into RUN_DIR/tb itself (the tracker creates it only when started).
+        trackers = [TensorBoardTracker("", str(Path(run_dir) / "tb")), *_extra_trackers(config)]
         self.accelerator = Accelerator(
             cpu=multi_process_cpu,
             mixed_precision=config.model.mixed_precision,
-            log_with=config.log.with_ or None,
+            log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         )
         self.sizes = derived_batch_sizes(config, self.accelerator.num_processes)
@@ -79,6 +84,7 @@ class Trainer:
         self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
         self.algorithm = build_algorithm_from_config(config.train)
+        self.monitor = Monitor(config, self.reward)  # the evaluation prompts and the held-out scorer
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
             lr=config.train.lr,
@@ -88,6 +94,7 @@ class Trainer:
         )
         self.policy.denoiser, self.optimizer = self.accelerator.prepare(self.policy.unet, self.optimizer)
         self.start_epoch = 0
+        self.last_epoch = 0  # the last finished epoch
         self.created_run_dir = not resume and not Path(run_dir).exists()
         if resume:
             self.run_dir = RunDirectory.open(run_dir)
@@ -100,22 +107,34 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_config(config, self.run_dir.config_path)
             self.run_dir.remove_stale_temporaries()
-        if config.log.with_:
-            self.accelerator.init_trackers(self.run_dir.tb_dir.name, config=_flat_hparams(config))
+        self.accelerator.init_trackers(
+            config.run_name or "ddpo", config=_flat_hparams(config),
+            init_kwargs={"wandb": {"name": self.run_dir.path.name, "dir": str(self.run_dir.path)}},
+        )  # fmt: skip
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> Path:
         self.describe()
+        self.last_epoch = self.start_epoch
         if self.start_epoch == 0:
             self.save_sample_grid(0)
+            if self.monitor.due(0):
+                self.evaluate(0)  # the baseline: the model before training
         try:
             for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
                 set_seed(derive_seed(self.config.seed, "epoch", epoch) % 2**32)  # for rewards that draw random numbers
                 samples = self.sample_epoch(epoch)
                 advantages = self.advantages(samples)
                 train_metrics, train_seconds = self.update(epoch, samples, advantages)
-                self.record(epoch, samples, train_metrics, train_seconds)
+                new_best = self.monitor.due(epoch) and self.evaluate(epoch)
+                stop = self._agree(self.monitor.should_stop(epoch))
+                self.record(epoch, samples, train_metrics, train_seconds, new_best=new_best, stop=stop)
+                self.last_epoch = epoch
+                if stop:
+                    if self.accelerator.is_main_process:
+                        self.accelerator.print(self._early_stop_message(epoch))
+                    break
         except BaseException:
             # A run that fails before its first checkpoint can be neither resumed nor re-run into the same
             # directory: remove what this invocation created, so nothing half-written stays behind.
@@ -127,6 +146,7 @@ class Trainer:
             self.accelerator.end_training()
         if self.accelerator.is_main_process:
             self.save_before_after()
+            self.write_report()
         return self.run_dir.path
 
     def describe(self) -> None:
@@ -222,7 +242,37 @@ class Trainer:
         reduced = {name: float(self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")) for name, value in means.items()}
         return reduced, time.perf_counter() - started
 
-    def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float) -> None:
+    def evaluate(self, epoch: int) -> bool:
+        """The periodic evaluation (`ddpo.monitor`) on the main process; True on every process when its
+        held-out score is a new best and early stopping keeps best checkpoints."""
+        new_best = False
+        if self.accelerator.is_main_process:
+            record = self.monitor.evaluate(self.policy, epoch, epoch * self.sizes["samples_per_epoch"])
+            append_jsonl(self.run_dir.monitor_path, record)
+            self.accelerator.log(tracker_metrics(record), step=epoch)
+            new_best = self.monitor.observe(record) and self.config.train.early_stop_on_heldout
+            heldout = f"  held-out {record['heldout_score']:.4f}" if "heldout_score" in record else ""
+            kl = f"  kl-to-base {record['kl']:.4g}" if "kl" in record else ""
+            self.accelerator.print(
+                f"eval {epoch}: reward {record['train_reward']:.4f}{heldout}{kl}  diversity {record['diversity']:.4f}  "
+                f"({record['seconds']:.1f}s)"
+            )
+        return self._agree(new_best)
+
+    def _agree(self, flag: bool) -> bool:
+        """The main process's decision, on every process."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(broadcast_object_list([flag], from_process=0)[0])
+
+    def _early_stop_message(self, epoch: int) -> str:
+        best = self.monitor.best
+        return (
+            f"early stop after epoch {epoch}: the held-out score peaked at epoch {best.epoch} ({best.score:.4f}) and has "
+            f"not improved for {epoch - best.epoch} epochs; best checkpoint {self.run_dir.checkpoints_dir / epoch_name(best.epoch)}"
+        )
+
+    def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, *, new_best: bool = False, stop: bool = False) -> None:
         rewards = self.accelerator.gather(samples.rewards).float().cpu()
         record = {
             "epoch": epoch,
@@ -238,20 +288,62 @@ class Trainer:
         }
         record.update({k: v for k, v in train_metrics.items() if k not in record})
         record.update({f"reward_{k}": v for k, v in samples.reward_info.items()})
-        save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs
+        save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs or new_best or stop
+        prompt_rewards = self._prompt_rewards(samples)
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics(record)
+            append_jsonl(self.run_dir.prompt_rewards_path, {"epoch": epoch, "prompts": prompt_rewards})
             self.save_sample_grid(epoch)
             if save:
                 self.run_dir.write_checkpoint(epoch, lambda d: self._write_checkpoint(d, epoch), keep_last=self.config.log.keep_last)
+            if new_best:
+                self._write_best(epoch)
+            if stop:
+                self._write_best(self.monitor.best.epoch, stopped_after=epoch)
+            if save:
+                self.write_report()
             self.accelerator.print(
                 f"epoch {epoch}: reward {record['reward_mean']:.4f} +- {record['reward_std']:.4f}  loss {record['loss']:.4g}  "
                 f"kl {record['approx_kl']:.3g}  clipfrac {record['clipfrac']:.3f}  "
                 f"sample {record['sample_seconds']:.1f}s train {record['train_seconds']:.1f}s"
             )
-        if self.config.log.with_:
-            self.accelerator.log(_tracker_metrics(record), step=epoch)
+        self.accelerator.log(_tracker_metrics(record), step=epoch)
         self.accelerator.wait_for_everyone()
+
+    def _prompt_rewards(self, samples: EpochSamples) -> dict[str, dict[str, float]]:
+        """Each prompt's reward mean, std and count over this epoch's global batch."""
+        pairs = list(zip(samples.trajectory.prompts, samples.rewards.float().cpu().tolist()))
+        if self.accelerator.num_processes > 1:
+            pairs = gather_object(pairs)
+        by_prompt: dict[str, list[float]] = {}
+        for prompt, reward in pairs:
+            by_prompt.setdefault(prompt, []).append(reward)
+        return {
+            prompt: {"mean": round(float(np.mean(values)), 6), "std": round(float(np.std(values)), 6), "n": len(values)}
+            for prompt, values in sorted(by_prompt.items())
+        }
+
+    def _write_best(self, epoch: int, stopped_after: int | None = None) -> None:
+        best = self.monitor.best
+        record = {
+            "epoch": epoch,
+            "checkpoint": f"{self.run_dir.checkpoints_dir.name}/{epoch_name(epoch)}",
+            "metric": EARLY_STOP_METRIC,
+            "heldout_reward": self.monitor.heldout_reward.name,
+            "value": best.score,
+        }
+        if stopped_after is not None:
+            record["stopped_after_epoch"] = stopped_after
+        self.run_dir.write_best(record)
+
+    def write_report(self) -> None:
+        """Refresh RUN_DIR/report.html; a report that fails is a warning, never the end of a run."""
+        from .report import write_report
+
+        try:
+            write_report(self.run_dir.path)
+        except Exception as error:  # noqa: BLE001 - the run matters more than its report
+            self.accelerator.print(f"ddpo: warning: report.html not written: {type(error).__name__}: {error}")
 
     # ---- grids and checkpoints --------------------------------------------------------------------------
     def grid_prompts(self) -> list[str]:
@@ -267,10 +359,13 @@ class Trainer:
         generators = [torch.Generator().manual_seed(derive_seed(self.config.seed, "grid", row, s)) for row, _, s in cells]
         images = self.policy.sample([prompt for _, prompt, _ in cells], generators).images  # one batch, row by row
         image_grid(images, len(prompts), seeds).save(self.run_dir.sample_grid_path(epoch))
+        if epoch == 0 or not self.run_dir.grid_layout_path.is_file():
+            layout = {"prompts": prompts, "seeds": seeds, "cell_width": images[0].width, "cell_height": images[0].height}
+            write_text_atomic(self.run_dir.grid_layout_path, json.dumps(layout) + "\n")
 
     def save_before_after(self) -> None:
         """samples/before-after.png: the grid before training next to the last epoch's (same prompts, same seeds)."""
-        first, last = self.run_dir.sample_grid_path(0), self.run_dir.sample_grid_path(self.config.train.epochs)
+        first, last = self.run_dir.sample_grid_path(0), self.run_dir.sample_grid_path(self.last_epoch)
         if first.is_file() and last.is_file() and first != last:
             before, after = Image.open(first), Image.open(last)
             gap = before.width // 16
@@ -302,6 +397,7 @@ class Trainer:
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.start_epoch = state["epoch"]
+        self.monitor.restore([r for r in read_jsonl(self.run_dir.monitor_path, tolerant=True) if r["epoch"] <= self.start_epoch])
         if self.accelerator.is_main_process:
             self.run_dir.truncate_metrics(self.start_epoch)
             self.accelerator.print(f"resuming {self.run_dir.path} after epoch {epoch}")
@@ -334,6 +430,16 @@ def _tracker_metrics(record: dict) -> dict[str, float]:
         else:
             out[f"losses/{key}"] = value
     return out
+
+
+def _extra_trackers(config: Config) -> list[str]:
+    """`log.with` besides TensorBoard, checked: known to accelerate and installed."""
+    extra = [name for name in dict.fromkeys(config.log.with_) if name != "tensorboard"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in extra:
+        if name not in available:
+            raise ConfigError(f"log.with: tracker {name!r} is not available here (install its package, e.g. pip install {name})")
+    return extra
 
 
 def _flat_hparams(config: Config) -> dict:

@@ -6,6 +6,7 @@ from ddpo.core.ddim import (
     ddim_alphas,
     ddim_step,
     ddpm_step,
+    gaussian_kl,
     gaussian_log_prob,
     predicted_original_and_epsilon,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "ddim_alphas",
     "ddim_step",
     "ddpm_step",
+    "gaussian_kl",
     "gaussian_log_prob",
     "global_normalize",
     "ppo_clip_loss",

@@ -53,6 +53,26 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return log_density.mean(dim=tuple(range(1, sample.ndim)))
 
 
+def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
+    """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) = |mean_p - mean_q|^2 / (2 std^2), averaged over the
+    non-batch dimensions (per latent dimension, like `gaussian_log_prob`).
+
+    Two DDIM policies at the same x_t and t share sigma_t (it depends on the schedule only), so the KL of
+    one denoising step reduces to this closed form.
+
+    Args:
+        mean_p: (B, ...).
+        mean_q: (B, ...).
+        std: broadcastable to `mean_p`, e.g. (B, 1, ..., 1).
+
+    Returns:
+        (B,) float32, >= 0.
+    """
+    mean_p, mean_q, std = mean_p.float(), mean_q.float(), std.float()
+    kl = (mean_p - mean_q) ** 2 / (2 * std**2)
+    return kl.expand_as(mean_p).mean(dim=tuple(range(1, mean_p.ndim)))
+
+
 def predicted_original_and_epsilon(
     model_output: Tensor, sample: Tensor, alpha_prod_t: Tensor, prediction_type: PredictionType
 ) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core.ddim import StepOutput, ddim_alphas, ddim_step, ddpm_step
+from ..core.ddim import StepOutput, ddim_alphas, ddim_step, ddpm_step, gaussian_kl
 from .trajectory import Trajectory
 
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -301,6 +301,42 @@ class StableDiffusionPolicy:
             step = self._step(model_output, latents.float(), timesteps, prev_sample=trajectory.latents[rows, index + 1].float())
             columns.append(step.log_prob)
         return torch.stack(columns, dim=1)
+
+    @torch.no_grad()
+    def kl_to_base(self, trajectory: Trajectory) -> torch.Tensor:
+        """KL between this policy and the base model (LoRA adapters disabled) along sampled chains.
+
+        Sum over the T steps of KL(pi_theta(. | x_t, c) || pi_base(. | x_t, c)) at the trajectory's own states,
+        per latent dimension (`gaussian_kl`); both policies guided as when sampling. Its expectation over
+        chains drawn from pi_theta is the KL between the two chains' distributions (chain rule of KL), the
+        quantity KL-regularised fine-tuning bounds.
+
+        Returns:
+            (B,) float32, 0 for an adapter that still equals the base model.
+
+        Raises:
+            ValueError: the policy trains all UNet weights, so there is no base model left to compare with.
+        """
+        if not self.lora.enabled:
+            raise ValueError("kl_to_base needs LoRA (model.use_lora=true): with full fine-tuning the base weights are gone")
+        batch, rows = len(trajectory), torch.arange(len(trajectory))
+        dtype = self.unet.dtype
+        embeds, negative = trajectory.prompt_embeds.to(self.device, dtype), trajectory.negative_embeds.to(self.device, dtype)
+        total = torch.zeros(batch, device=self.device)
+        for k in range(trajectory.num_steps):
+            latents = trajectory.latents[rows, k].to(self.device)
+            timesteps = trajectory.timesteps[rows, k].to(self.device)
+            means = []
+            for adapters_on in (True, False):
+                (self.unet.enable_adapters if adapters_on else self.unet.disable_adapters)()
+                try:
+                    output = self._noise_prediction(self.unet, latents.to(dtype), timesteps, embeds, negative, guidance=True).float()
+                finally:
+                    self.unet.enable_adapters()
+                step = self._step(output, latents.float(), timesteps, prev_sample=trajectory.latents[rows, k + 1].to(self.device).float())
+                means.append(step.mean)
+            total += gaussian_kl(means[0], means[1], step.std)
+        return total
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -6,7 +6,8 @@
 - `shapes_attributes`: the fraction of count, colour and shape that the describer sees as the prompt asks.
 
 Neither is ground truth: RL can learn images that fool the describer. The judge (another architecture,
-another seed, never a reward) is what `ddpo.toyworld.evaluation` measures with.
+another seed, never a training reward) is what `ddpo.toyworld.evaluation` measures with; it is registered
+as `shapes_judge` so that evaluation (`ddpo eval`, `log.heldout_reward`) can score with it.
 
 Models load when a reward is built, not when this module is imported, and each once per process.
 """
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .recognizers import Recognizer
 
 SHIPPED_DESCRIBER = WEIGHTS_DIR / "describer.safetensors"
+SHIPPED_JUDGE = WEIGHTS_DIR / "judge.safetensors"
 
 
 @functools.lru_cache(maxsize=4)
@@ -113,5 +115,31 @@ def shapes_attributes(describer: str | None = None) -> Reward:
         matches = {attribute: match.astype(np.float32) for attribute, match in matches.items()}
         scores = (matches["count"] + matches["color"] + matches["shape"]) / np.float32(3)
         return RewardOutput(scores, {"captions": [s.caption for s in seen], **matches})
+
+    return reward
+
+
+@functools.lru_cache(maxsize=2)
+def _load_judge(path: Path) -> Recognizer:
+    from .recognizers import load_recognizer
+
+    return load_recognizer(path, "judge").cpu().eval().requires_grad_(False)
+
+
+@register_reward("shapes_judge")
+def shapes_judge(judge: str | None = None) -> Reward:
+    """Held-out score, not a training reward: 1.0 where the judge's (count, colour, shape) equals the
+    prompt's (as `ddpo.toyworld.evaluation.exact_match`), else 0.0. Trained on, it would stop being held out.
+
+    info: `captions` (the judge's caption per image).
+    """
+    path = Path(judge) if judge else SHIPPED_JUDGE
+    if not path.is_file():
+        raise FileNotFoundError(f"judge weights not found at {path}: reinstall ddpo, or pass judge=PATH")
+    model = _load_judge(path.resolve())
+
+    def reward(images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
+        seen = model.predict(images)
+        return RewardOutput(_exact_match(seen, prompts), {"captions": [scene.caption for scene in seen]})
 
     return reward

@@ -1,0 +1,211 @@
+"""Evaluation on fixed prompts x fixed seeds: any set of rewards, trained vs held-out prompts, KL, diversity.
+
+Shared by `ddpo eval` (base model vs checkpoints) and the trainer's periodic over-optimization monitor
+(`ddpo.monitor`). Sample i of prompt p always starts from the same noise, `derive_seed("eval", p, i)`,
+whatever the model, the run or the order of the prompts, so two models are compared on identical noise and
+the same evaluation repeated gives the same numbers.
+
+Prompts fall into two groups: "trained" (the run's prompt source can draw them) and "heldout" (it cannot):
+the gap between the two is the generalization of what RL learned.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config, heldout_reward_name
+from .prompts import PromptSourceError, build_prompt_source
+from .rewards import CheckedReward, build_reward, build_reward_from_config
+from .utils import derive_seed
+
+TRAINED, HELDOUT = "trained", "heldout"
+GROUPS = (TRAINED, HELDOUT)
+SHAPES_HELDOUT_SOURCES = {"shapes_unusual_train": "shapes_unusual_heldout"}
+"""The held-out prompt source of a Shapes training source, when `prompts.heldout_file` is empty."""
+
+
+@dataclass
+class EvalPrompts:
+    """The prompts of an evaluation, each with its group ("trained" or "heldout") and prompt metadata."""
+
+    prompts: list[str]
+    groups: list[str]
+    metadata: list[dict] = field(default_factory=list)
+
+    def of_group(self, group: str) -> list[str]:
+        return [p for p, g in zip(self.prompts, self.groups) if g == group]
+
+
+def read_prompt_file(path: str | Path, key: str) -> list[str]:
+    """Non-blank stripped lines of a prompt file; errors name the file and the option/key it came from."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptSourceError(f"{key}: prompt file '{path}' does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise PromptSourceError(f"{key}: prompt file '{path}' contains no prompts")
+    return prompts
+
+
+def spread(items: list[str], limit: int) -> list[str]:
+    """At most `limit` items spread evenly over the list, the first one included (0 = all)."""
+    if limit <= 0 or len(items) <= limit:
+        return list(items)
+    step = len(items) / limit
+    return [items[int(k * step)] for k in range(limit)]
+
+
+def eval_prompts_of(config: Config, heldout_file: str | Path | None = None, limit: int = 0) -> EvalPrompts:
+    """Trained prompts (`prompts.eval_prompts`, else every prompt of the source) and held-out prompts
+    (`heldout_file`, else `prompts.heldout_file`, else the Shapes world's held-out half), `limit` per group.
+
+    A held-out file's prompts that the run's source can draw count as trained.
+    """
+    source = build_prompt_source(config.prompts.source, config.prompts.file)
+    metadata = {p: dict(m) for p, m in zip(source.prompts, getattr(source, "metadata", None) or [])}
+    source_prompts = set(source.prompts)
+    trained = list(dict.fromkeys(config.prompts.eval_prompts or source.prompts))
+    if heldout_file:
+        candidates = read_prompt_file(heldout_file, "--prompts")
+    elif config.prompts.heldout_file:
+        candidates = read_prompt_file(config.prompts.heldout_file, "prompts.heldout_file")
+    elif config.prompts.source in SHAPES_HELDOUT_SOURCES:
+        heldout_source = build_prompt_source(SHAPES_HELDOUT_SOURCES[config.prompts.source])
+        candidates = list(heldout_source.prompts)
+        metadata.update({p: dict(m) for p, m in zip(heldout_source.prompts, heldout_source.metadata)})
+    else:
+        candidates = []
+    candidates = list(dict.fromkeys(candidates))
+    trained += [p for p in candidates if p in source_prompts and p not in trained]
+    heldout = [p for p in candidates if p not in source_prompts]
+    trained, heldout = spread(trained, limit), spread(heldout, limit)
+    prompts = trained + heldout
+    groups = [TRAINED] * len(trained) + [HELDOUT] * len(heldout)
+    return EvalPrompts(prompts, groups, [{**metadata.get(p, {}), "group": g} for p, g in zip(prompts, groups)])
+
+
+def eval_rewards_of(config: Config, names: Sequence[str] = ()) -> dict[str, CheckedReward]:
+    """Rewards by name: `names` if given, else the run's training reward and its held-out scorer (if any).
+    A Shapes run is always also scored by the judge (`shapes_judge`)."""
+    if names:
+        rewards = {name: build_reward(name) for name in dict.fromkeys(names)}
+    else:
+        training = build_reward_from_config(config.reward)
+        rewards = {training.name: training}
+        heldout = heldout_reward_name(config)
+        if heldout is not None and heldout not in rewards:
+            rewards[heldout] = build_reward(heldout)
+    if config.prompts.source.startswith("shapes_") and "shapes_judge" not in rewards:
+        rewards["shapes_judge"] = build_reward("shapes_judge")
+    return rewards
+
+
+def eval_generator(prompt: str, seed_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed("eval", prompt, seed_index))
+
+
+@dataclass
+class EvalSamples:
+    """Images of every (prompt, seed) cell, prompt-major, with their group; `kl` (n,) when measured."""
+
+    prompts: list[str]
+    groups: list[str]
+    seed_indices: list[int]
+    metadata: list[dict]
+    images: list[Image.Image]
+    kl: np.ndarray | None = None
+
+
+@torch.no_grad()
+def sample_eval_set(policy, eval_prompts: EvalPrompts, num_seeds: int, batch_size: int, *, with_kl: bool = False) -> EvalSamples:
+    """Sample each prompt with seeds 0..num_seeds-1 in batches of `batch_size` (the same batches every time,
+    so the numbers repeat exactly); `with_kl` also measures `policy.kl_to_base` on each chain."""
+    cells = [(k, s) for k in range(len(eval_prompts.prompts)) for s in range(num_seeds)]
+    images: list[Image.Image] = []
+    kls: list[torch.Tensor] = []
+    for start in range(0, len(cells), batch_size):
+        chunk = cells[start : start + batch_size]
+        prompts = [eval_prompts.prompts[k] for k, _ in chunk]
+        trajectory = policy.sample(prompts, [eval_generator(p, s) for p, (_, s) in zip(prompts, chunk)])
+        images += trajectory.images
+        if with_kl:
+            kls.append(policy.kl_to_base(trajectory).float().cpu())
+    return EvalSamples(
+        prompts=[eval_prompts.prompts[k] for k, _ in cells],
+        groups=[eval_prompts.groups[k] for k, _ in cells],
+        seed_indices=[s for _, s in cells],
+        metadata=[dict(eval_prompts.metadata[k], eval_seed=s) for k, s in cells] if eval_prompts.metadata else [{"eval_seed": s} for _, s in cells],
+        images=images,
+        kl=torch.cat(kls).numpy() if with_kl else None,
+    )
+
+
+def score_eval_set(samples: EvalSamples, rewards: Mapping[str, CheckedReward]) -> dict[str, np.ndarray]:
+    """(n,) scores of every sample by each reward (one call per reward over the whole set)."""
+    return {name: reward(samples.images, samples.prompts, samples.metadata).scores for name, reward in rewards.items()}
+
+
+def pairwise_distance(images: Sequence[Image.Image]) -> float:
+    """Mean over pairs of the root-mean-square pixel difference (pixels in [0, 1]); 0 for fewer than 2."""
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
+    pairs = list(itertools.combinations(arrays, 2))
+    if not pairs:
+        return 0.0
+    return float(np.mean([np.sqrt(np.mean((a - b) ** 2)) for a, b in pairs]))
+
+
+def diversity_per_prompt(samples: EvalSamples) -> dict[str, float]:
+    """Diversity of each prompt: `pairwise_distance` among its samples (different seeds). A policy collapsing
+    onto one image per prompt, a common form of reward over-optimization, drives it towards 0."""
+    by_prompt: dict[str, list[Image.Image]] = {}
+    for prompt, image in zip(samples.prompts, samples.images):
+        by_prompt.setdefault(prompt, []).append(image)
+    return {prompt: pairwise_distance(images) for prompt, images in by_prompt.items()}
+
+
+def summarize(samples: EvalSamples, scores: Mapping[str, np.ndarray]) -> dict:
+    """Means per group ("all", "trained", "heldout" when present) and per prompt.
+
+    Returns:
+        {"groups": {group: {reward: mean, ..., "diversity": d, "kl": k (if measured), "num_prompts", "num_samples"}},
+         "per_prompt": {prompt: {"group", reward: mean, ..., "diversity"}}}
+    """
+    diversity = diversity_per_prompt(samples)
+    groups_of = dict(zip(samples.prompts, samples.groups))
+    summary: dict = {"groups": {}, "per_prompt": {}}
+    for group in ("all", *GROUPS):
+        mask = np.array([group == "all" or g == group for g in samples.groups])
+        if not mask.any():
+            continue
+        prompts = [p for p in dict.fromkeys(samples.prompts) if group == "all" or groups_of[p] == group]
+        entry = {name: _round(values[mask].mean()) for name, values in scores.items()}
+        entry["diversity"] = _round(np.mean([diversity[p] for p in prompts]))
+        if samples.kl is not None:
+            entry["kl"] = _round(samples.kl[mask].mean())
+        entry["num_prompts"], entry["num_samples"] = len(prompts), int(mask.sum())
+        summary["groups"][group] = entry
+    for prompt in dict.fromkeys(samples.prompts):
+        mask = np.array([p == prompt for p in samples.prompts])
+        summary["per_prompt"][prompt] = {
+            "group": groups_of[prompt],
+            **{name: _round(values[mask].mean()) for name, values in scores.items()},
+            "diversity": _round(diversity[prompt]),
+        }
+    return summary
+
+
+def _round(value: float) -> float:
+    return round(float(value), 6)
+
+
+def evaluate_policy(policy, eval_prompts: EvalPrompts, rewards: Mapping[str, CheckedReward], num_seeds: int, batch_size: int, *, with_kl: bool = False) -> dict:
+    """Sample, score and summarize (see `summarize`)."""
+    samples = sample_eval_set(policy, eval_prompts, num_seeds, batch_size, with_kl=with_kl)
+    return summarize(samples, score_eval_set(samples, rewards))

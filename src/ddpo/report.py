@@ -1,0 +1,542 @@
+"""`ddpo report RUN_DIR`: one self-contained HTML page of a run (RUN_DIR/report.html).
+
+What people look at to judge an RL fine-tune (Black et al. 2023 show exactly these): the reward curve against
+reward queries, the loss / approx_kl / clipfrac of the update, which prompts gained and which did not, the
+same prompts and seeds drawn epoch after epoch, and, from the periodic evaluation (`ddpo.monitor`), the
+held-out score next to the training reward: where the first peaks while the second keeps rising, the reward
+is being gamed. Charts are inline SVG drawn here and images are PNG data URIs: the page needs no network, no
+script and no other file. Whatever the run lacks (no finished epoch, no samples folder, no evaluation yet) the
+page says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .run_directory import CHECKPOINT_PATTERN, RunDirectory, RunDirectoryError, read_jsonl, write_text_atomic
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+MAX_STRIP_EPOCHS = 10
+"""Epochs shown in each prompt's strip, spread evenly from the first to the last grid."""
+MAX_CELL_PIXELS = 160
+"""Sample images larger than this are downscaled before embedding, so the page stays small."""
+TABLE_ROWS = 10
+"""Best and worst prompts listed when a run has more than twice as many prompts."""
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+# ------------------------------------------------------------------------------------------------ charts
+
+
+@dataclass
+class Series:
+    name: str
+    xs: list[float]
+    ys: list[float]
+    band: tuple[list[float], list[float]] | None = None
+    """Lower and upper edge of a shaded band (e.g. mean +- std), one per point."""
+
+
+@dataclass
+class Chart:
+    title: str
+    x_label: str
+    series: list[Series]
+    markers: list[tuple[float, str]] = field(default_factory=list)
+    """Vertical lines (x, label), e.g. the epoch where the held-out score peaked."""
+    empty_note: str = "no data yet"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 x 10^k apart) covering [low, high]."""
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    ticks, value = [], first
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 12))
+        value += step
+    if ticks[-1] < high:
+        ticks.append(round(value, 12))
+    return ticks
+
+
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Labels with just enough decimals to tell evenly spaced ticks apart."""
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else abs(ticks[0]) or 1.0
+    largest = max(abs(t) for t in ticks)
+    if largest >= 1e5 or largest < 1e-3 or step < 1e-4:
+        digits = max(1, math.floor(math.log10(largest)) - math.floor(math.log10(step))) if largest > 0 else 1
+        return [f"{t:.{digits}e}" if t else "0" for t in ticks]
+    decimals = max(0, -math.floor(math.log10(step)))
+    return [f"{t:.{decimals}f}" for t in ticks]
+
+
+def render_chart(chart: Chart, width: int = 440, height: int = 250) -> str:
+    """An inline <svg> line chart: axes with round ticks, one line (and optional band) per series, a legend."""
+    left, right, top, bottom = 62, 12, 28, 44
+    points = [(x, y) for s in chart.series for x, y in zip(s.xs, s.ys) if _finite(x) and _finite(y)]
+    for s in chart.series:
+        if s.band:
+            points += [(x, y) for x, lo, hi in zip(s.xs, *s.band) for y in (lo, hi) if _finite(x) and _finite(y)]
+    title = f'<text x="{width / 2}" y="17" text-anchor="middle" class="title">{html.escape(chart.title)}</text>'
+    if not points:
+        return (
+            f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+            f'xmlns="http://www.w3.org/2000/svg">{title}<rect x="{left}" y="{top}" width="{width - left - right}" '
+            f'height="{height - top - bottom}" class="frame"/><text x="{width / 2}" y="{height / 2}" '
+            f'text-anchor="middle" class="note">{html.escape(chart.empty_note)}</text></svg>'
+        )
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_ticks = nice_ticks(min(xs), max(xs))
+    pad = (max(ys) - min(ys)) * 0.05 or abs(max(ys)) * 0.05 or 0.5
+    y_ticks = nice_ticks(min(ys) - pad, max(ys) + pad)
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    parts = [title, f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>']
+    for t, label in zip(y_ticks, tick_labels(y_ticks)):
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 5}" y="{py(t) + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
+    for t, label in zip(x_ticks, tick_labels(x_ticks)):
+        parts.append(f'<text x="{px(t):.1f}" y="{top + plot_h + 15}" text-anchor="middle" class="tick">{label}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle" class="axis">{html.escape(chart.x_label)}</text>')
+    for x, label in chart.markers:
+        if _finite(x):
+            parts.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{top + plot_h}" class="marker"/>')
+            parts.append(f'<text x="{px(x) + 3:.1f}" y="{top + 11}" class="marker-label">{html.escape(label)}</text>')
+    for index, s in enumerate(chart.series):
+        color = COLORS[index % len(COLORS)]
+        if s.band:
+            edge = [(x, lo, hi) for x, lo, hi in zip(s.xs, *s.band) if _finite(x) and _finite(lo) and _finite(hi)]
+            if edge:
+                outline = [(px(x), py(hi)) for x, _, hi in edge] + [(px(x), py(lo)) for x, lo, _ in reversed(edge)]
+                parts.append(f'<polygon points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in outline)}" fill="{color}" fill-opacity="0.18" stroke="none"/>')
+        line = [(px(x), py(y)) for x, y in zip(s.xs, s.ys) if _finite(x) and _finite(y)]
+        if len(line) > 1:
+            parts.append(f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in line)}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.4" fill="{color}"/>' for a, b in line]
+        legend_y = top + 14 + 14 * index
+        parts.append(f'<line x1="{left + 8}" x2="{left + 22}" y1="{legend_y - 4}" y2="{legend_y - 4}" stroke="{color}" stroke-width="2.5"/>')
+        parts.append(f'<text x="{left + 26}" y="{legend_y}" class="legend">{html.escape(s.name)}</text>')
+    return (
+        f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
+    )
+
+
+# ------------------------------------------------------------------------------------------------ run data
+
+
+@dataclass
+class RunData:
+    run: RunDirectory
+    config_text: str | None
+    config: dict
+    metrics: list[dict]
+    prompt_rewards: list[dict]
+    monitor: list[dict]
+    best: dict | None
+    grids: dict[int, Path]
+    grid_layout: dict | None
+    notes: list[str]
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Everything a report shows, read tolerantly: what is missing or unreadable becomes a note.
+
+    Raises:
+        RunDirectoryError: `run_dir` does not exist or holds neither a config.toml nor a metrics.jsonl.
+    """
+    run = RunDirectory(run_dir)
+    if not run.path.is_dir():
+        raise RunDirectoryError(f"{run.path}: no such directory")
+    if not run.config_path.is_file() and not run.metrics_path.is_file():
+        raise RunDirectoryError(f"{run.path}: not a ddpo run directory (no config.toml, no metrics.jsonl)")
+    notes: list[str] = []
+    config_text, config = None, {}
+    if run.config_path.is_file():
+        config_text = run.config_path.read_text(encoding="utf-8", errors="replace")
+        try:
+            config = tomllib.loads(config_text)
+        except tomllib.TOMLDecodeError as error:
+            notes.append(f"config.toml does not parse ({error}); it is shown as it is.")
+    else:
+        notes.append("This run has no config.toml.")
+    metrics = read_jsonl(run.metrics_path, tolerant=True)
+    metrics = [r for r in metrics if isinstance(r.get("epoch"), int)]
+    if not metrics:
+        notes.append("No finished epoch yet: metrics.jsonl is missing or empty, so there are no curves and no per-prompt rewards.")
+    best = None
+    if run.best_path.is_file():
+        try:
+            best = json.loads(run.best_path.read_text())
+        except (OSError, ValueError):
+            notes.append("best.json does not parse.")
+    grids: dict[int, Path] = {}
+    layout = None
+    if not run.samples_dir.is_dir():
+        notes.append("No samples folder (samples/): there are no sample images to show.")
+    else:
+        for path in run.samples_dir.glob("epoch-*.png"):
+            match = CHECKPOINT_PATTERN.match(path.stem)
+            if match:
+                grids[int(match.group(1))] = path
+        if not grids:
+            notes.append("The samples folder holds no epoch-NNNN.png grid yet.")
+        if run.grid_layout_path.is_file():
+            try:
+                layout = json.loads(run.grid_layout_path.read_text())
+            except (OSError, ValueError):
+                layout = None
+    return RunData(
+        run=run, config_text=config_text, config=config, metrics=metrics,
+        prompt_rewards=read_jsonl(run.prompt_rewards_path, tolerant=True), monitor=read_jsonl(run.monitor_path, tolerant=True),
+        best=best, grids=dict(sorted(grids.items())), grid_layout=layout, notes=notes,
+    )  # fmt: skip
+
+
+def overoptimization(monitor: Sequence[dict]) -> dict | None:
+    """The evaluation where the held-out score peaked while the training reward kept rising after it.
+
+    Returns None unless, after the (first) peak of `heldout_score`, the held-out score ended lower and the
+    training reward (on the same evaluation samples) ended higher than at the peak. Otherwise returns
+    {"epoch", "heldout_at_peak", "heldout_last", "reward_at_peak", "reward_last", "last_epoch"}.
+    """
+    records = [r for r in monitor if _finite(r.get("heldout_score")) and _finite(r.get("train_reward"))]
+    if len(records) < 2:
+        return None
+    peak_index = max(range(len(records)), key=lambda i: (records[i]["heldout_score"], -i))
+    peak, last = records[peak_index], records[-1]
+    if peak is last or not (last["heldout_score"] < peak["heldout_score"] and last["train_reward"] > peak["train_reward"]):
+        return None
+    return {
+        "epoch": peak["epoch"], "heldout_at_peak": peak["heldout_score"], "heldout_last": last["heldout_score"],
+        "reward_at_peak": peak["train_reward"], "reward_last": last["train_reward"], "last_epoch": last["epoch"],
+    }  # fmt: skip
+
+
+def prompt_window(num_epochs: int) -> int:
+    """Epochs averaged at each end of the per-prompt table: half the run (each prompt is drawn only now and
+    then, so shorter windows would leave most cells empty), or the one epoch of a one-epoch run."""
+    return max(1, num_epochs // 2)
+
+
+def prompt_table(prompt_rewards: Sequence[dict]) -> list[dict]:
+    """Per prompt: mean reward over the first and the last `prompt_window` epochs ("first", "recent") and its
+    sample count, sorted best (highest recent mean) first."""
+    if not prompt_rewards:
+        return []
+    window = prompt_window(len(prompt_rewards))
+    first_epochs = {r["epoch"] for r in prompt_rewards[:window]}
+    last_epochs = {r["epoch"] for r in prompt_rewards[-window:]}
+    totals: dict[str, dict[str, list[float]]] = {}
+    for record in prompt_rewards:
+        for prompt, stats in record.get("prompts", {}).items():
+            entry = totals.setdefault(prompt, {"first": [0.0, 0], "recent": [0.0, 0], "all": [0.0, 0]})
+            for key, included in (("first", record["epoch"] in first_epochs), ("recent", record["epoch"] in last_epochs), ("all", True)):
+                if included:
+                    entry[key][0] += stats["mean"] * stats["n"]
+                    entry[key][1] += stats["n"]
+    rows = []
+    for prompt, entry in totals.items():
+        mean = {key: (s / n if n else math.nan) for key, (s, n) in entry.items()}
+        rows.append({"prompt": prompt, "first": mean["first"], "recent": mean["recent"], "samples": int(entry["all"][1]), "recent_samples": int(entry["recent"][1])})
+    return sorted(rows, key=lambda r: (-(r["recent"] if _finite(r["recent"]) else -math.inf), r["prompt"]))
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _grid_shape(data: RunData, grid: Image.Image) -> tuple[list[str], int, int, int]:
+    """(row prompts, seeds, cell width, cell height) of a sample grid: from samples/grid.json, else from the
+    config's grid prompts and seed count, else square cells one seed wide."""
+    layout = data.grid_layout or {}
+    log = data.config.get("log", {})
+    prompts = list(layout.get("prompts") or log.get("grid_prompts") or [])
+    seeds = max(1, int(layout.get("seeds") or log.get("num_eval_seeds") or 1))
+    if prompts and grid.width % seeds == 0 and grid.height % len(prompts) == 0:
+        return prompts, seeds, grid.width // seeds, grid.height // len(prompts)
+    cell = max(1, grid.width // seeds)
+    rows = max(1, grid.height // cell)
+    return [f"row {i + 1}" for i in range(rows)], seeds, cell, grid.height // rows
+
+
+def _shrink(image: Image.Image, cell_width: int) -> Image.Image:
+    """Downscale so that one cell is at most MAX_CELL_PIXELS wide."""
+    if cell_width <= MAX_CELL_PIXELS:
+        return image
+    scale = MAX_CELL_PIXELS / cell_width
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+
+
+def strip_epochs(epochs: Sequence[int], limit: int = MAX_STRIP_EPOCHS) -> list[int]:
+    """At most `limit` epochs, evenly spread, always the first and the last."""
+    epochs = sorted(epochs)
+    if len(epochs) <= limit:
+        return epochs
+    return sorted({epochs[round(k * (len(epochs) - 1) / (limit - 1))] for k in range(limit)})
+
+
+def _img(uri: str, alt: str, css_class: str = "sample") -> str:
+    return f'<img class="{css_class}" src="{uri}" alt="{html.escape(alt)}">'
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def _number(value: float, spec: str = ".4g") -> str:
+    """A table cell's number; "–" where a prompt was not drawn in those epochs (NaN)."""
+    return format(value, spec) if _finite(value) else "–"
+
+
+def _section(title: str, body: str, anchor: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _figure(svg: str) -> str:
+    return f'<figure class="figure">{svg}</figure>'
+
+
+def _summary(data: RunData) -> str:
+    config, metrics = data.config, data.metrics
+    planned = config.get("train", {}).get("epochs")
+    items = [
+        ("model", config.get("model", {}).get("pretrained", "?")),
+        ("algorithm", config.get("train", {}).get("algorithm", "?")),
+        ("reward", "+".join(t.get("name", "?") for t in config.get("reward", {}).get("terms", [])) or config.get("reward", {}).get("name", "?")),
+        ("prompts", config.get("prompts", {}).get("source", "?")),
+        ("epochs finished", f"{metrics[-1]['epoch'] if metrics else 0}" + (f" of {planned}" if planned else "")),
+        ("reward queries", f"{metrics[-1].get('samples', '?') if metrics else 0}"),
+    ]
+    if metrics:
+        first, last = metrics[0], metrics[-1]
+        items.append(("reward, first -> last epoch", f"{first.get('reward_mean', math.nan):.4g} -> {last.get('reward_mean', math.nan):.4g}"))
+    if data.best:
+        stopped = f"; stopped early after epoch {data.best['stopped_after_epoch']}" if "stopped_after_epoch" in data.best else ""
+        items.append(("best checkpoint (held-out)", f"{data.best.get('checkpoint')} ({data.best.get('metric')} {data.best.get('value', math.nan):.4g}){stopped}"))
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
+    return f'<table class="summary">{rows}</table>'
+
+
+def _reward_section(data: RunData) -> str:
+    m = data.metrics
+    xs = [r.get("samples", math.nan) for r in m]
+    means = [r.get("reward_mean", math.nan) for r in m]
+    stds = [r.get("reward_std", math.nan) for r in m]
+    band = ([a - b for a, b in zip(means, stds)], [a + b for a, b in zip(means, stds)])
+    chart = Chart("reward mean ± std per epoch", "reward queries (samples)", [Series("reward", xs, means, band)], empty_note="no finished epoch yet")
+    return _figure(render_chart(chart, width=620, height=300))
+
+
+def _training_section(data: RunData) -> str:
+    epochs = [r.get("epoch") for r in data.metrics]
+    figures = []
+    for key in ("loss", "approx_kl", "clipfrac"):
+        values = [r.get(key, math.nan) for r in data.metrics]
+        note = "no finished epoch yet" if not data.metrics else f"{key} not recorded by this algorithm"
+        figures.append(_figure(render_chart(Chart(key, "epoch", [Series(key, epochs, values)], empty_note=note), width=330, height=220)))
+    return f'<div class="row">{"".join(figures)}</div>'
+
+
+def _monitor_section(data: RunData) -> str:
+    records = data.monitor
+    if not records:
+        every = data.config.get("log", {}).get("eval_every")
+        why = "log.eval_every = 0 turns it off" if every == 0 else "no evaluation has run yet"
+        return f'<p class="note">No periodic evaluation in this run ({html.escape(why)}).</p>'
+    epochs = [r["epoch"] for r in records]
+    flag = overoptimization(records)
+    markers = [(flag["epoch"], f"held-out peak, epoch {flag['epoch']}")] if flag else []
+    if data.best and data.best.get("epoch") is not None and (not flag or data.best["epoch"] != flag["epoch"]):
+        markers.append((data.best["epoch"], f"kept: epoch {data.best['epoch']}"))
+    reward_name = records[-1].get("reward_name") or "training reward"
+    heldout_name = records[-1].get("heldout_reward")
+
+    split = any(_finite(r.get("train_reward_on_heldout")) for r in records)  # both groups: show each too
+    groups = (("", "all prompts"), ("_on_trained", "trained prompts"), ("_on_heldout", "held-out prompts")) if split else (("", "all prompts"),)
+
+    def series(key: str, label: str) -> list[Series]:
+        out = []
+        for suffix, group in groups:
+            values = [r.get(key + suffix, math.nan) for r in records]
+            if any(_finite(v) for v in values):
+                out.append(Series(f"{label}, {group}", epochs, values))
+        return out
+
+    charts = [
+        Chart(f"training reward ({reward_name}) on eval samples", "epoch", series("train_reward", "reward"), markers),
+        Chart(f"held-out score ({heldout_name})" if heldout_name else "held-out score", "epoch", series("heldout_score", "held-out"), markers,
+              empty_note="no held-out scorer (log.heldout_reward)"),
+        Chart("KL to the base model (sum over steps, per dim)", "epoch", series("kl", "KL"), markers, empty_note="not measured (full fine-tuning)"),
+        Chart("diversity (pixel RMS distance, same prompt)", "epoch", series("diversity", "diversity"), markers),
+    ]  # fmt: skip
+    if flag:
+        text = (
+            f'<p class="flag"><strong>Over-optimization:</strong> the held-out score peaked at epoch {flag["epoch"]} '
+            f'({flag["heldout_at_peak"]:.4g}) and fell to {flag["heldout_last"]:.4g} by epoch {flag["last_epoch"]}, while the '
+            f'training reward on the same samples rose from {flag["reward_at_peak"]:.4g} to {flag["reward_last"]:.4g}.</p>'
+        )
+    elif heldout_name:
+        text = '<p class="note">No over-optimization seen: the held-out score has not fallen after a peak while the training reward rose.</p>'
+    else:
+        text = '<p class="note">Without a held-out scorer (log.heldout_reward) over-optimization cannot be flagged.</p>'
+    last = records[-1]
+    numbers = ", ".join(f"{k} = {last[k]:.4g}" for k in ("train_reward_on_trained", "train_reward_on_heldout", "heldout_score_on_trained", "heldout_score_on_heldout") if _finite(last.get(k)))
+    generalization = f'<p class="note">Last evaluation (epoch {last["epoch"]}): {html.escape(numbers)}.</p>' if numbers else ""
+    return text + generalization + f'<div class="row">{"".join(_figure(render_chart(c, width=440, height=250)) for c in charts)}</div>'
+
+
+def _prompt_section(data: RunData) -> str:
+    rows = prompt_table(data.prompt_rewards)
+    if not rows:
+        why = "no finished epoch yet" if not data.metrics else "this run recorded no per-prompt rewards (prompt_rewards.jsonl)"
+        return f'<p class="note">No per-prompt rewards: {html.escape(why)}.</p>'
+
+    epochs = [r["epoch"] for r in data.prompt_rewards]
+    window = prompt_window(len(epochs))
+    first, last = epochs[:window], epochs[-window:]
+    ends = tuple(f"epoch {e[0]}" if len(e) == 1 else f"epochs {e[0]}–{e[-1]}" for e in (first, last))
+
+    def table(title: str, chosen: list[dict]) -> str:
+        head = f"<tr><th>prompt</th><th>{ends[0]}</th><th>{ends[1]}</th><th>change</th><th>samples</th></tr>"
+        body = "".join(
+            f"<tr><td>{html.escape(r['prompt'])}</td><td>{_number(r['first'])}</td><td>{_number(r['recent'])}</td>"
+            f"<td>{_number(r['recent'] - r['first'], '+.4g')}</td><td>{r['samples']}</td></tr>"
+            for r in chosen
+        )
+        return f'<table class="prompts"><caption>{html.escape(title)}</caption>{head}{body}</table>'
+
+    if len(rows) <= 2 * TABLE_ROWS:
+        return table(f"all {len(rows)} prompts, best first (mean reward)", rows)
+    return f'<div class="row">{table(f"best {TABLE_ROWS} of {len(rows)} prompts", rows[:TABLE_ROWS])}{table(f"worst {TABLE_ROWS} of {len(rows)} prompts", rows[-TABLE_ROWS:][::-1])}</div>'
+
+
+def _samples_section(data: RunData) -> tuple[str, str]:
+    """(same-seed strips, first vs last) sections' bodies."""
+    if not data.grids:
+        why = "no samples folder" if not data.run.samples_dir.is_dir() else "no sample grid yet"
+        note = f'<p class="note">No sample images: {why}.</p>'
+        return note, note
+    images = {epoch: Image.open(path).convert("RGB") for epoch, path in data.grids.items()}
+    first_epoch, last_epoch = min(images), max(images)
+    prompts, seeds, cell_w, cell_h = _grid_shape(data, images[first_epoch])
+    shown = strip_epochs(list(images))
+    header = "".join(f"<th>epoch {e}</th>" for e in shown)
+    rows = []
+    for row, prompt in enumerate(prompts):
+        cells = []
+        for epoch in shown:
+            grid = images[epoch]
+            column = grid.crop((0, row * cell_h, min(grid.width, seeds * cell_w), (row + 1) * cell_h))
+            column = _column_of(column, seeds, cell_w, cell_h)
+            cells.append(f"<td>{_img(png_data_uri(_shrink(column, cell_w)), f'{prompt}, epoch {epoch}')}</td>")
+        rows.append(f"<tr><th>{html.escape(prompt)}</th>{''.join(cells)}</tr>")
+    strips = (
+        f'<p class="note">Each column is one epoch; within a column, seeds 0..{seeds - 1} top to bottom: the same noise every epoch.</p>'
+        f'<div class="scroll"><table class="strips"><tr><th>prompt</th>{header}</tr>{"".join(rows)}</table></div>'
+    )
+    labels = "".join(f"<li>{html.escape(p)}</li>" for p in prompts)
+    pair = []
+    for epoch, title in ((first_epoch, "before training" if first_epoch == 0 else f"epoch {first_epoch}"), (last_epoch, f"epoch {last_epoch}")):
+        pair.append(f'<figure class="grid"><figcaption>{html.escape(title)}</figcaption>{_img(png_data_uri(_shrink(images[epoch], cell_w)), f"sample grid, {title}", "grid")}</figure>')
+    compare = (
+        f'<p class="note">Rows, top to bottom: </p><ol class="rows">{labels}</ol>'
+        + (f'<div class="row">{"".join(pair)}</div>' if first_epoch != last_epoch else f'<div class="row">{pair[0]}</div><p class="note">Only one grid so far.</p>')
+    )
+    return strips, compare
+
+
+def _column_of(row_image: Image.Image, seeds: int, cell_w: int, cell_h: int) -> Image.Image:
+    """A grid row (seeds side by side) restacked as a column (seeds top to bottom)."""
+    column = Image.new("RGB", (cell_w, cell_h * seeds))
+    for s in range(seeds):
+        column.paste(row_image.crop((s * cell_w, 0, (s + 1) * cell_w, cell_h)), (0, s * cell_h))
+    return column
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1400px;padding:0 16px;color:#222}
+h1{font-size:1.5em;margin-bottom:4px} h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+.meta{color:#666;font-size:.9em} .note{color:#555} .flag{background:#fff3e0;border-left:4px solid #e65100;padding:8px 12px}
+.notes{background:#fffde7;border-left:4px solid #f9a825;padding:8px 12px 8px 28px}
+.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start} figure{margin:0}
+svg.chart{background:#fff;font-size:11px} svg .title{font-size:12.5px;font-weight:600} svg .frame{fill:none;stroke:#999}
+svg .grid{stroke:#eee} svg .tick{fill:#555} svg .axis{fill:#333} svg .legend{fill:#333} svg .note{fill:#888;font-size:13px}
+svg .marker{stroke:#e65100;stroke-dasharray:4 3} svg .marker-label{fill:#e65100;font-size:10.5px}
+table{border-collapse:collapse;font-size:.9em} th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
+table.summary th{color:#555;font-weight:500} caption{text-align:left;font-weight:600;padding:4px 0}
+img.sample,img.grid{image-rendering:pixelated;display:block} img.sample{width:72px;height:auto} img.grid{width:min(600px,90vw);height:auto}
+.scroll{overflow-x:auto} table.strips td{padding:2px} ol.rows{margin:0 0 8px 0}
+pre{background:#f6f8fa;padding:12px;overflow-x:auto;font-size:.85em}
+"""
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The report of a run as one HTML document (see the module docstring)."""
+    data = load_run(run_dir)
+    strips, compare = _samples_section(data)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in data.notes)
+    title = f"ddpo run {data.run.path.resolve().name}"
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">{html.escape(str(data.run.path.resolve()))} · report written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
+        f'<ul class="notes">{notes}</ul>' if notes else "",
+        _summary(data),
+        _section("Reward", _reward_section(data), "reward"),
+        _section("Policy update", _training_section(data), "update"),
+        _section("Held-out evaluation and over-optimization", _monitor_section(data), "overoptimization"),
+        _section("Per-prompt reward", _prompt_section(data), "prompts"),
+        _section("Same prompts, same seeds, epoch after epoch", strips, "strips"),
+        _section("First vs last", compare, "first-last"),
+        _section("Resolved config", f"<pre>{html.escape(data.config_text)}</pre>" if data.config_text else '<p class="note">No config.toml.</p>', "config"),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        # No script, no fetch: the page is inert and self-contained (images are data: URIs).
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report.html atomically; returns its path."""
+    run = RunDirectory(run_dir)
+    text = build_report(run_dir)
+    write_text_atomic(run.report_path, text)
+    return run.report_path
