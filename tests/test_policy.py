@@ -66,3 +66,36 @@ def test_a_clipping_scheduler_is_refused():
     pipe.scheduler.register_to_config(clip_sample=True)
     with pytest.raises(PolicyLoadError, match="clip_sample"):
         StableDiffusionPolicy(pipe, SAMPLING)
+
+
+def test_batched_log_probs_give_the_loop_s_loss_and_gradients():
+    """Several timesteps in one model call (the trainer's timestep_chunk) = one call per timestep."""
+    from ddpo.core.losses import ppo_clip_loss
+
+    torch.manual_seed(0)
+    policy = StableDiffusionPolicy(build_tiny_pipeline(), SAMPLING, LoraOptions(rank=4, alpha=4.0))
+    with torch.no_grad():  # move the LoRA off its zero init so that every adapter tensor gets a gradient
+        for parameter in policy.trainable_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    trajectory = policy.sample(["a cat", "a dog", "an otter"], generators(3), decode=False)
+    steps = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(i))[:4] for i in range(3)])
+    advantages = torch.tensor([1.0, -0.5, 0.3])
+    old = trajectory.log_probs.gather(1, steps)
+
+    # the loop: one model call per timestep, losses summed
+    loop_loss = torch.zeros(())
+    for k in range(4):
+        log_prob = policy.log_prob(trajectory, steps[:, k : k + 1])
+        loss = ppo_clip_loss(advantages, torch.exp(log_prob[:, 0] - old[:, k]), 0.2)
+        loss.backward()
+        loop_loss += loss.detach()
+    loop_grads = [p.grad.clone() for p in policy.trainable_parameters()]
+    policy.unet.zero_grad(set_to_none=True)
+    # batched: all four timesteps in one call, the mean over the 3 x 4 pairs scaled by 4
+    log_prob = policy.log_prob(trajectory, steps)
+    batched_loss = ppo_clip_loss(advantages.repeat_interleave(4), torch.exp(log_prob.reshape(-1) - old.reshape(-1)), 0.2) * 4
+    batched_loss.backward()
+    assert torch.allclose(batched_loss.detach(), loop_loss, atol=1e-5, rtol=0)
+    assert all(g.abs().max() > 0 for g in loop_grads)
+    for loop_grad, parameter in zip(loop_grads, policy.trainable_parameters()):
+        assert torch.allclose(parameter.grad, loop_grad, atol=1e-5, rtol=0)

@@ -128,6 +128,9 @@ class TrainConfig:
     """Gradients are clipped to this global norm."""
     timestep_fraction: float = 1.0
     """Fraction of the denoising steps trained on per sample, in (0, 1]."""
+    timestep_chunk: int = 0
+    """Timesteps whose log-probs are recomputed in one model call (a batch of batch_size x chunk, twice that
+    with CFG); 0 = all trained timesteps at once. Same loss and gradients for every value; lower it to save memory."""
     cfg: bool = True
     """Apply classifier-free guidance also when recomputing log-probs for the update."""
     per_prompt_stat_tracking: bool = True
@@ -483,6 +486,10 @@ def validate(config: Config) -> None:
         value = getattr(train, key)
         _check(0 <= value < 1, f"train.{key}={value:g} must be in [0, 1)")
     _check(train.adam_weight_decay >= 0, f"train.adam_weight_decay={train.adam_weight_decay:g} must be >= 0")
+    _check(
+        train.timestep_chunk >= 0,
+        f"train.timestep_chunk={train.timestep_chunk} must be >= 0 (0 = all trained timesteps in one model call)",
+    )
     _check(
         0 < train.timestep_fraction <= 1,
         f"train.timestep_fraction={train.timestep_fraction:g} must be in (0, 1]",

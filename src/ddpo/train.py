@@ -210,6 +210,7 @@ class Trainer:
         micro_steps_per_optimizer_step = sizes["accumulation_steps"] * sizes["num_train_timesteps"]
         totals: dict[str, list[torch.Tensor]] = {}
         micro_step = 0
+        chunk = config.train.timestep_chunk or sizes["num_train_timesteps"]
         for inner in range(config.train.inner_epochs):
             generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", epoch, inner, self.accelerator.process_index))
             order = torch.randperm(num_samples, generator=generator)
@@ -220,19 +221,23 @@ class Trainer:
                 part = trajectory.select(minibatch)
                 part_steps = steps[minibatch].to(part.latents.device)
                 part_advantages = advantages[minibatch.to(advantages.device)]
-                rows = torch.arange(len(part), device=part.latents.device)
-                for k in range(part_steps.shape[1]):
-                    micro_step += 1
+                rows = torch.arange(len(part), device=part.latents.device)[:, None]
+                # `timestep_chunk` timesteps per model call; the loss of a chunk of c timesteps is the mean over
+                # its b*c (sample, timestep) pairs, so scaling it by c gives the gradient of c per-timestep losses.
+                for start in range(0, part_steps.shape[1], chunk):
+                    columns = part_steps[:, start : start + chunk]
+                    width = columns.shape[1]
+                    micro_step += width
                     sync = micro_step % micro_steps_per_optimizer_step == 0
                     with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
-                        log_prob = self.policy.log_prob(part, part_steps[:, k : k + 1])[:, 0]
-                        old_log_prob = part.log_probs[rows, part_steps[:, k]]
-                        output = self.algorithm.loss(log_prob, old_log_prob, part_advantages)
+                        log_prob = self.policy.log_prob(part, columns)
+                        old_log_prob = part.log_probs[rows, columns]
+                        output = self.algorithm.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), part_advantages.repeat_interleave(width))
                         if not torch.isfinite(output.loss):
                             raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss is {output.loss.item()}; stopping before it reaches the weights")
-                        self.accelerator.backward(output.loss / micro_steps_per_optimizer_step)
+                        self.accelerator.backward(output.loss * width / micro_steps_per_optimizer_step)
                     for name, value in output.metrics.items():
-                        totals.setdefault(name, []).append(value.detach().float())
+                        totals.setdefault(name, []).extend([value.detach().float()] * width)
                     if sync:
                         grad_norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), config.train.max_grad_norm)
                         totals.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32, device=self.accelerator.device))

@@ -280,7 +280,11 @@ class StableDiffusionPolicy:
         )
 
     def log_prob(self, trajectory: Trajectory, step_indices: torch.Tensor) -> torch.Tensor:
-        """Recompute log p(x_{t-1} | x_t, c) with gradients for the chosen steps.
+        """Recompute log p(x_{t-1} | x_t, c) with gradients for the chosen steps, in one model call.
+
+        The K chosen steps of the B samples (and both classifier-free-guidance halves) go through the UNet
+        as one batch of B*K (2*B*K with CFG); per-timestep calls give the same values, only slower. Callers
+        that must bound memory pass fewer columns at a time (the trainer's `train.timestep_chunk`).
 
         step_indices: (B, K) step positions per sample (or (K,) shared by all); returns (B, K) fp32.
         """
@@ -288,19 +292,17 @@ class StableDiffusionPolicy:
         step_indices = step_indices.to(trajectory.latents.device)
         if step_indices.dim() == 1:
             step_indices = step_indices.expand(batch, -1)
-        rows = torch.arange(batch, device=step_indices.device)
+        num_columns = step_indices.shape[1]
+        rows = torch.arange(batch, device=step_indices.device)[:, None].expand(-1, num_columns).reshape(-1)
+        index = step_indices.reshape(-1)  # sample-major: row b's K steps are consecutive
         dtype = self.unet.dtype
-        columns = []
-        for k in range(step_indices.shape[1]):
-            index = step_indices[:, k]
-            latents = trajectory.latents[rows, index]
-            timesteps = trajectory.timesteps[rows, index]
-            model_output = self._noise_prediction(
-                self.denoiser, latents.to(dtype), timesteps, trajectory.prompt_embeds.to(dtype), trajectory.negative_embeds.to(dtype), guidance=self.train_cfg
-            ).float()
-            step = self._step(model_output, latents.float(), timesteps, prev_sample=trajectory.latents[rows, index + 1].float())
-            columns.append(step.log_prob)
-        return torch.stack(columns, dim=1)
+        latents = trajectory.latents[rows, index]
+        timesteps = trajectory.timesteps[rows, index]
+        embeds = trajectory.prompt_embeds.repeat_interleave(num_columns, dim=0).to(dtype)
+        negative = trajectory.negative_embeds.repeat_interleave(num_columns, dim=0).to(dtype)
+        model_output = self._noise_prediction(self.denoiser, latents.to(dtype), timesteps, embeds, negative, guidance=self.train_cfg).float()
+        step = self._step(model_output, latents.float(), timesteps, prev_sample=trajectory.latents[rows, index + 1].float())
+        return step.log_prob.reshape(batch, num_columns)
 
     @torch.no_grad()
     def kl_to_base(self, trajectory: Trajectory) -> torch.Tensor:
