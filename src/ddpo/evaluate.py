@@ -22,7 +22,7 @@ from PIL import Image
 
 from .config import Config, heldout_reward_name
 from .prompts import PromptSourceError, build_prompt_source
-from .rewards import CheckedReward, build_reward, build_reward_from_config
+from .rewards import CheckedReward, RewardError, build_reward, build_reward_from_config
 from .utils import derive_seed
 
 TRAINED, HELDOUT = "trained", "heldout"
@@ -95,7 +95,12 @@ def eval_rewards_of(config: Config, names: Sequence[str] = ()) -> dict[str, Chec
     """Rewards by name: `names` if given, else the run's training reward and its held-out scorer (if any).
     A Shapes run is always also scored by the judge (`shapes_judge`)."""
     if names:
-        rewards = {name: build_reward(name) for name in dict.fromkeys(names)}
+        rewards = {}
+        for name in dict.fromkeys(names):
+            try:
+                rewards[name] = build_reward(name)
+            except ValueError as error:
+                raise RewardError(f"--reward: {error}") from error
     else:
         training = build_reward_from_config(config.reward)
         rewards = {training.name: training}

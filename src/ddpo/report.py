@@ -66,11 +66,11 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (1, 2 or 5 x 10^k apart) covering [low, high]."""
+def nice_ticks(low: float, high: float, count: int = 5, min_step: float = 0.0) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 x 10^k apart, at least `min_step`) covering [low, high]."""
     if high <= low:
         high = low + 1.0
-    raw = (high - low) / max(count - 1, 1)
+    raw = max((high - low) / max(count - 1, 1), min_step)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(low / step) * step
@@ -96,7 +96,8 @@ def tick_labels(ticks: Sequence[float]) -> list[str]:
 
 def render_chart(chart: Chart, width: int = 440, height: int = 250) -> str:
     """An inline <svg> line chart: axes with round ticks, one line (and optional band) per series, a legend."""
-    left, right, top, bottom = 62, 12, 28, 44
+    named = [s for s in chart.series if s.name]
+    left, right, top, bottom = 62, 12, 26 + 13 * len(named), 40  # legend rows above the plot
     points = [(x, y) for s in chart.series for x, y in zip(s.xs, s.ys) if _finite(x) and _finite(y)]
     for s in chart.series:
         if s.band:
@@ -110,7 +111,7 @@ def render_chart(chart: Chart, width: int = 440, height: int = 250) -> str:
             f'text-anchor="middle" class="note">{html.escape(chart.empty_note)}</text></svg>'
         )
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_ticks = nice_ticks(min(xs), max(xs))
+    x_ticks = nice_ticks(min(xs), max(xs), min_step=1.0 if all(float(x).is_integer() for x in xs) else 0.0)
     pad = (max(ys) - min(ys)) * 0.05 or abs(max(ys)) * 0.05 or 0.5
     y_ticks = nice_ticks(min(ys) - pad, max(ys) + pad)
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
@@ -132,7 +133,7 @@ def render_chart(chart: Chart, width: int = 440, height: int = 250) -> str:
     for x, label in chart.markers:
         if _finite(x):
             parts.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{top + plot_h}" class="marker"/>')
-            parts.append(f'<text x="{px(x) + 3:.1f}" y="{top + 11}" class="marker-label">{html.escape(label)}</text>')
+            parts.append(f'<text x="{px(x) + 3:.1f}" y="{top + plot_h - 5}" class="marker-label">{html.escape(label)}</text>')
     for index, s in enumerate(chart.series):
         color = COLORS[index % len(COLORS)]
         if s.band:
@@ -144,9 +145,9 @@ def render_chart(chart: Chart, width: int = 440, height: int = 250) -> str:
         if len(line) > 1:
             parts.append(f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in line)}" fill="none" stroke="{color}" stroke-width="1.8"/>')
         parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.4" fill="{color}"/>' for a, b in line]
-        legend_y = top + 14 + 14 * index
-        parts.append(f'<line x1="{left + 8}" x2="{left + 22}" y1="{legend_y - 4}" y2="{legend_y - 4}" stroke="{color}" stroke-width="2.5"/>')
-        parts.append(f'<text x="{left + 26}" y="{legend_y}" class="legend">{html.escape(s.name)}</text>')
+        legend_y = 34 + 13 * index
+        parts.append(f'<line x1="{left}" x2="{left + 14}" y1="{legend_y - 4}" y2="{legend_y - 4}" stroke="{color}" stroke-width="2.5"/>')
+        parts.append(f'<text x="{left + 18}" y="{legend_y}" class="legend">{html.escape(s.name)}</text>')
     return (
         f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
@@ -269,7 +270,7 @@ def prompt_table(prompt_rewards: Sequence[dict]) -> list[dict]:
     rows = []
     for prompt, entry in totals.items():
         mean = {key: (s / n if n else math.nan) for key, (s, n) in entry.items()}
-        rows.append({"prompt": prompt, "first": mean["first"], "recent": mean["recent"], "samples": int(entry["all"][1]), "recent_samples": int(entry["recent"][1])})
+        rows.append({"prompt": prompt, "first": mean["first"], "recent": mean["recent"], "all": mean["all"], "samples": int(entry["all"][1])})
     return sorted(rows, key=lambda r: (-(r["recent"] if _finite(r["recent"]) else -math.inf), r["prompt"]))
 
 
@@ -317,6 +318,15 @@ def _img(uri: str, alt: str, css_class: str = "sample") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sections
+
+
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """Two numbers with the fewest significant digits (4 or more) that tell them apart."""
+    for digits in range(4, 10):
+        pair = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if pair[0] != pair[1]:
+            return pair
+    return pair
 
 
 def _number(value: float, spec: str = ".4g") -> str:
@@ -406,10 +416,12 @@ def _monitor_section(data: RunData) -> str:
         Chart("diversity (pixel RMS distance, same prompt)", "epoch", series("diversity", "diversity"), markers),
     ]  # fmt: skip
     if flag:
+        held = _distinct(flag["heldout_at_peak"], flag["heldout_last"])
+        reward = _distinct(flag["reward_at_peak"], flag["reward_last"])
         text = (
             f'<p class="flag"><strong>Over-optimization:</strong> the held-out score peaked at epoch {flag["epoch"]} '
-            f'({flag["heldout_at_peak"]:.4g}) and fell to {flag["heldout_last"]:.4g} by epoch {flag["last_epoch"]}, while the '
-            f'training reward on the same samples rose from {flag["reward_at_peak"]:.4g} to {flag["reward_last"]:.4g}.</p>'
+            f'({held[0]}) and fell to {held[1]} by epoch {flag["last_epoch"]}, while the '
+            f'training reward on the same samples rose from {reward[0]} to {reward[1]}.</p>'
         )
     elif heldout_name:
         text = '<p class="note">No over-optimization seen: the held-out score has not fallen after a peak while the training reward rose.</p>'
@@ -433,16 +445,16 @@ def _prompt_section(data: RunData) -> str:
     ends = tuple(f"epoch {e[0]}" if len(e) == 1 else f"epochs {e[0]}–{e[-1]}" for e in (first, last))
 
     def table(title: str, chosen: list[dict]) -> str:
-        head = f"<tr><th>prompt</th><th>{ends[0]}</th><th>{ends[1]}</th><th>change</th><th>samples</th></tr>"
+        head = f"<tr><th>prompt</th><th>{ends[0]}</th><th>{ends[1]}</th><th>change</th><th>all epochs</th><th>samples</th></tr>"
         body = "".join(
             f"<tr><td>{html.escape(r['prompt'])}</td><td>{_number(r['first'])}</td><td>{_number(r['recent'])}</td>"
-            f"<td>{_number(r['recent'] - r['first'], '+.4g')}</td><td>{r['samples']}</td></tr>"
+            f"<td>{_number(r['recent'] - r['first'], '+.4g')}</td><td>{_number(r['all'])}</td><td>{r['samples']}</td></tr>"
             for r in chosen
         )
         return f'<table class="prompts"><caption>{html.escape(title)}</caption>{head}{body}</table>'
 
     if len(rows) <= 2 * TABLE_ROWS:
-        return table(f"all {len(rows)} prompts, best first (mean reward)", rows)
+        return table(f"all {len(rows)} prompts, best first (mean reward of the later epochs)", rows)
     return f'<div class="row">{table(f"best {TABLE_ROWS} of {len(rows)} prompts", rows[:TABLE_ROWS])}{table(f"worst {TABLE_ROWS} of {len(rows)} prompts", rows[-TABLE_ROWS:][::-1])}</div>'
 
 
