@@ -97,7 +97,7 @@ def test_short_pretraining_reduces_loss_and_writes_a_loadable_pipeline(tmp_path)
 
     config = PretrainConfig(
         dataset_size=512, recognizer_steps=5, recognizer_images=256, vae_steps=40, vae_batch_size=16, unet_steps=60, unet_batch_size=32,
-        warmup_steps=5, checkpoint_every=30, eval_every=0,
+        warmup_steps=5, checkpoint_every=30, eval_every=0, flow_steps=40, flow_lr=2e-3,
     )  # fmt: skip
     pretrainer = Pretrainer(tmp_path / "work", config, log=lambda message: None)
     pipeline_dir = pretrainer.run()
@@ -108,3 +108,15 @@ def test_short_pretraining_reduces_loss_and_writes_a_loadable_pipeline(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("two red circles", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+    # the flow-matching twin: same VAE and text encoder, a velocity UNet, a flow-matching scheduler
+    assert metrics["flow_loss_end"] < metrics["flow_loss_start"]
+    flow = StableDiffusionPipeline.from_pretrained(pipeline_dir.with_name("pipeline-flow"), local_files_only=True)
+    assert type(flow.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert flow.unet.dtype == torch.float32  # stored in float16, loaded as float32
+    for name in ("vae", "text_encoder"):
+        for a, b in zip(getattr(flow, name).parameters(), getattr(pipe, name).parameters()):
+            assert torch.equal(a, b)
+    from ddpo.toyworld.evaluation import euler_sample
+
+    [flow_image] = euler_sample(flow, ["two red circles"], [torch.Generator().manual_seed(0)], num_steps=2, guidance_scale=3.0)
+    assert flow_image.size == (32, 32)
