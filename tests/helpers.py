@@ -56,3 +56,14 @@ def scripted_heldout(images, prompts, metadata):
     index = len(heldout_calls)
     heldout_calls.append(index)
     return [HELDOUT_SCHEDULE[min(index, len(HELDOUT_SCHEDULE) - 1)]] * len(images)
+
+
+# A reward that works for the first epoch (2 batches) and then fails: the run ends after its first checkpoint.
+first_epoch_calls: list[int] = []
+
+
+def fails_after_first_epoch(images, prompts, metadata):
+    first_epoch_calls.append(1)
+    if len(first_epoch_calls) > 2:
+        raise RuntimeError("the scorer went away")
+    return [0.5] * len(images)

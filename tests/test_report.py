@@ -89,6 +89,19 @@ def test_reward_chart_plots_each_epoch_with_its_std_band(reported_run):
     assert "<polygon" in reward_svg  # the mean +- std band
 
 
+def test_the_report_is_refreshed_at_each_checkpoint(tiny_pipeline_dir, tmp_path):
+    """A run that dies in its second epoch still has the report of its first (written with its checkpoint)."""
+    import helpers
+
+    helpers.first_epoch_calls.clear()
+    out = tmp_path / "run"
+    args = cli_args(tiny_pipeline_dir, out, **{"sample.num_steps": 2, "reward.name": '"helpers:fails_after_first_epoch"'})
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "the scorer went away" in result.stderr
+    html = (out / "report.html").read_text()
+    assert "1 of 2" in html and "epoch 1" in html and "epoch 2" not in html
+
+
 def test_report_of_a_run_with_no_finished_epoch_says_so(tiny_pipeline_dir, tmp_path, chromium):
     run = RunDirectory.create(tmp_path / "fresh")
     save_config(load_config("sd_compressibility", [f'model.pretrained="{tiny_pipeline_dir}"']), run.config_path)

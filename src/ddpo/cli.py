@@ -93,14 +93,18 @@ def _run_config(path: str | None):
     return load_config(run.config_path) if run is not None else None
 
 
-def _policy_for(model: str, checkpoint_dir, sampling):
-    """A sampling-only policy over `model` (hub id, directory or 'shapes') with a checkpoint applied, if any."""
+def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = False):
+    """A sampling-only policy over `model` (hub id, directory or 'shapes') with a checkpoint applied, if any;
+    `native_size` samples at the size the model was trained at instead of `sampling`'s."""
     from .policy import LoraOptions, StableDiffusionPolicy, load_pipeline, resolve_model
+    from .policy.stable_diffusion import native_image_size
     from .run_directory import load_checkpoint_into
 
     pipe = load_pipeline(resolve_model(model))
     if checkpoint_dir is not None:
         load_checkpoint_into(pipe, checkpoint_dir)
+    if native_size:
+        sampling.height = sampling.width = native_image_size(pipe)
     return StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
 
 
@@ -124,8 +128,7 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
     import torch
 
     from .config import Config
-    from .policy import SamplingOptions, load_pipeline, resolve_model
-    from .policy.stable_diffusion import native_image_size
+    from .policy import SamplingOptions
     from .run_directory import resolve_adapter_dir
     from .utils import image_grid
 
@@ -134,15 +137,14 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
         run_config = _run_config(lora)
         config = run_config or Config()  # sample as the run trained
         model = model or (config.model.pretrained if run_config else "shapes")
-        size = None if run_config else native_image_size(load_pipeline(resolve_model(model)))
         sampling = SamplingOptions(
             num_steps=num_steps or config.sample.num_steps,
             eta=config.sample.eta if eta is None else eta,
             guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
-            height=size or config.sample.height,
-            width=size or config.sample.width,
+            height=config.sample.height,
+            width=config.sample.width,
         )
-        policy = _policy_for(model, checkpoint_dir, sampling)
+        policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)
         cells = [(prompt, seed + i) for prompt in prompts for i in range(num_images)]
         images = policy.sample([p for p, _ in cells], [torch.Generator().manual_seed(s) for _, s in cells]).images
     except _user_errors() as error:
