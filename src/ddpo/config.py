@@ -88,6 +88,9 @@ class SampleConfig:
     """Images per sampling batch, per process."""
     num_batches_per_epoch: int = 4
     """Sampling batches per epoch, per process."""
+    samples_per_prompt: int = 1
+    """Consecutive samples (by global sample index) that share one drawn prompt: groups of this size give
+    per-prompt advantage statistics from the first epoch on (Flow-GRPO's groups); 1 draws a prompt per sample."""
     height: int = 512
     """Image height in pixels, a multiple of 8 (the VAE's downsampling factor)."""
     width: int = 512
@@ -460,7 +463,7 @@ def validate(config: Config) -> None:
     )
     _check_choice("model.mixed_precision", model.mixed_precision, MIXED_PRECISION)
 
-    for key in ("num_steps", "batch_size", "num_batches_per_epoch", "height", "width"):
+    for key in ("num_steps", "batch_size", "num_batches_per_epoch", "samples_per_prompt", "height", "width"):
         value = getattr(sample, key)
         _check(value >= 1, f"sample.{key}={value} must be at least 1")
     for key in ("height", "width"):

@@ -171,7 +171,8 @@ class Trainer:
             # Global sample index: batch-major, then process, then position, so that a 1-process run with the
             # same global batch sees the same samples in the same order.
             indices = [(b * world + rank) * batch + i for i in range(batch)]
-            prompts, metadata = zip(*(self.prompt_source(random.Random(derive_seed(config.seed, "prompt", epoch, i))) for i in indices))
+            group = config.sample.samples_per_prompt
+            prompts, metadata = zip(*(self.prompt_source(random.Random(derive_seed(config.seed, "prompt", epoch, i // group if group > 1 else i))) for i in indices))
             trajectory = self.policy.sample(list(prompts), generators_for(config.seed, "noise", epoch, indices), list(metadata))
             futures.append(self._executor.submit(self.reward, trajectory.images, trajectory.prompts, trajectory.metadata))
             trajectories.append(trajectory)
