@@ -71,13 +71,13 @@ def test_shapes_runs_evaluate_trained_and_heldout_unusual_prompts():
     assert all(m["group"] == g for m, g in zip(prompts.metadata, prompts.groups))
 
 
-def test_a_heldout_file_prompt_the_source_can_draw_counts_as_trained(tmp_path):
+def test_prompts_are_trained_exactly_when_the_source_can_draw_them(tmp_path):
     file = tmp_path / "heldout.txt"
     file.write_text("a cat\nan otter riding a bike\n\n")
-    config = load_config("sd_compressibility", ['prompts.source="simple_animals"', 'prompts.eval_prompts=["a dog"]'])
+    config = load_config("sd_compressibility", ['prompts.source="simple_animals"', 'prompts.eval_prompts=["a dog", "a dog riding a bike"]'])
     prompts = eval_prompts_of(config, file)
     assert prompts.of_group(TRAINED) == ["a dog", "a cat"]
-    assert prompts.of_group(HELDOUT) == ["an otter riding a bike"]
+    assert prompts.of_group(HELDOUT) == ["a dog riding a bike", "an otter riding a bike"]  # the source never draws them
 
 
 def test_overoptimization_is_flagged_where_the_heldout_score_peaks_while_the_reward_rises():

@@ -171,7 +171,7 @@ def eval_command(target: str, which: tuple[str, ...], prompts_file: str | None, 
 
     from .evaluate import GROUPS, eval_prompts_of, eval_rewards_of, evaluate_policy
     from .policy import SamplingOptions
-    from .run_directory import RunDirectory, RunDirectoryError, epoch_name, run_of_checkpoint, write_text_atomic
+    from .run_directory import RunDirectoryError, epoch_name, run_of_checkpoint, write_text_atomic
 
     try:
         run = run_of_checkpoint(target)

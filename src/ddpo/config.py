@@ -192,10 +192,12 @@ class LogConfig:
     """Trackers besides TensorBoard, which always logs to RUN_DIR/tb (TOML key `log.with`): e.g. ["wandb"]."""
     num_eval_seeds: int = 4
     """Seeds per prompt of the sample grid and of evaluation."""
-    eval_every: int = 5
+    eval_every: int = 10
     """Epochs between evaluations on fixed prompts x fixed seeds (training reward, held-out score, KL to the
-    base model, diversity; RUN_DIR/monitor.jsonl), the model before training included; 0 never evaluates."""
-    eval_num_prompts: int = 12
+    base model, diversity; RUN_DIR/monitor.jsonl), the model before training included; 0 never evaluates.
+    One evaluation samples up to 2 x eval_num_prompts x num_eval_seeds images and measures their KL (two more
+    model passes per step): with the Shapes default, about ten epochs' worth of sampling."""
+    eval_num_prompts: int = 8
     """Trained and held-out prompts each of the periodic evaluation, spread evenly over each list; 0 = all."""
     heldout_reward: str = ""
     """Reward that scores the evaluation samples but is never trained on (over-optimization shows as it

@@ -66,12 +66,13 @@ def eval_prompts_of(config: Config, heldout_file: str | Path | None = None, limi
     """Trained prompts (`prompts.eval_prompts`, else every prompt of the source) and held-out prompts
     (`heldout_file`, else `prompts.heldout_file`, else the Shapes world's held-out half), `limit` per group.
 
-    A held-out file's prompts that the run's source can draw count as trained.
+    Every prompt the run's source can draw counts as trained, every other one as held out, whichever list
+    it came from.
     """
     source = build_prompt_source(config.prompts.source, config.prompts.file)
     metadata = {p: dict(m) for p, m in zip(source.prompts, getattr(source, "metadata", None) or [])}
     source_prompts = set(source.prompts)
-    trained = list(dict.fromkeys(config.prompts.eval_prompts or source.prompts))
+    listed = list(config.prompts.eval_prompts or source.prompts)
     if heldout_file:
         candidates = read_prompt_file(heldout_file, "--prompts")
     elif config.prompts.heldout_file:
@@ -82,8 +83,8 @@ def eval_prompts_of(config: Config, heldout_file: str | Path | None = None, limi
         metadata.update({p: dict(m) for p, m in zip(heldout_source.prompts, heldout_source.metadata)})
     else:
         candidates = []
-    candidates = list(dict.fromkeys(candidates))
-    trained += [p for p in candidates if p in source_prompts and p not in trained]
+    candidates = list(dict.fromkeys(listed + candidates))  # grouped by what the source can draw, not by origin
+    trained = [p for p in candidates if p in source_prompts]
     heldout = [p for p in candidates if p not in source_prompts]
     trained, heldout = spread(trained, limit), spread(heldout, limit)
     prompts = trained + heldout
@@ -168,19 +169,20 @@ def pairwise_distance(images: Sequence[Image.Image]) -> float:
 
 def diversity_per_prompt(samples: EvalSamples) -> dict[str, float]:
     """Diversity of each prompt: `pairwise_distance` among its samples (different seeds). A policy collapsing
-    onto one image per prompt, a common form of reward over-optimization, drives it towards 0."""
+    onto one image per prompt, a common form of reward over-optimization, drives it towards 0. Prompts with
+    a single sample (one seed) have none."""
     by_prompt: dict[str, list[Image.Image]] = {}
     for prompt, image in zip(samples.prompts, samples.images):
         by_prompt.setdefault(prompt, []).append(image)
-    return {prompt: pairwise_distance(images) for prompt, images in by_prompt.items()}
+    return {prompt: pairwise_distance(images) for prompt, images in by_prompt.items() if len(images) > 1}
 
 
 def summarize(samples: EvalSamples, scores: Mapping[str, np.ndarray]) -> dict:
     """Means per group ("all", "trained", "heldout" when present) and per prompt.
 
     Returns:
-        {"groups": {group: {reward: mean, ..., "diversity": d, "kl": k (if measured), "num_prompts", "num_samples"}},
-         "per_prompt": {prompt: {"group", reward: mean, ..., "diversity"}}}
+        {"groups": {group: {reward: mean, ..., "diversity": d (2+ seeds), "kl": k (if measured), "num_prompts", "num_samples"}},
+         "per_prompt": {prompt: {"group", reward: mean, ..., "diversity" (2+ seeds)}}}
     """
     diversity = diversity_per_prompt(samples)
     groups_of = dict(zip(samples.prompts, samples.groups))
@@ -191,7 +193,8 @@ def summarize(samples: EvalSamples, scores: Mapping[str, np.ndarray]) -> dict:
             continue
         prompts = [p for p in dict.fromkeys(samples.prompts) if group == "all" or groups_of[p] == group]
         entry = {name: _round(values[mask].mean()) for name, values in scores.items()}
-        entry["diversity"] = _round(np.mean([diversity[p] for p in prompts]))
+        if any(p in diversity for p in prompts):
+            entry["diversity"] = _round(np.mean([diversity[p] for p in prompts if p in diversity]))
         if samples.kl is not None:
             entry["kl"] = _round(samples.kl[mask].mean())
         entry["num_prompts"], entry["num_samples"] = len(prompts), int(mask.sum())
@@ -201,8 +204,9 @@ def summarize(samples: EvalSamples, scores: Mapping[str, np.ndarray]) -> dict:
         summary["per_prompt"][prompt] = {
             "group": groups_of[prompt],
             **{name: _round(values[mask].mean()) for name, values in scores.items()},
-            "diversity": _round(diversity[prompt]),
         }
+        if prompt in diversity:
+            summary["per_prompt"][prompt]["diversity"] = _round(diversity[prompt])
     return summary
 
 

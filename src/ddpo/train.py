@@ -259,10 +259,8 @@ class Trainer:
             new_best = self.monitor.observe(record) and self.config.train.early_stop_on_heldout
             heldout = f"  held-out {record['heldout_score']:.4f}" if "heldout_score" in record else ""
             kl = f"  kl-to-base {record['kl']:.4g}" if "kl" in record else ""
-            self.accelerator.print(
-                f"eval {epoch}: reward {record['train_reward']:.4f}{heldout}{kl}  diversity {record['diversity']:.4f}  "
-                f"({record['seconds']:.1f}s)"
-            )
+            diversity = f"  diversity {record['diversity']:.4f}" if "diversity" in record else ""
+            self.accelerator.print(f"eval {epoch}: reward {record['train_reward']:.4f}{heldout}{kl}{diversity}  ({record['seconds']:.1f}s)")
         return self._agree(new_best)
 
     def _agree(self, flag: bool) -> bool:
