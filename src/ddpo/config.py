@@ -96,7 +96,16 @@ class SampleConfig:
     width: int = 512
     """Image width in pixels, a multiple of 8."""
     scheduler: str = "ddim"
-    """Sampler: "ddim" (with `eta`) or "ddpm"."""
+    """Sampler of DDIM-family models: "ddim" (with `eta`) or "ddpm". Flow-matching models (a
+    FlowMatchEulerDiscreteScheduler: the Shapes flow twin, SD3, FLUX) sample with the algorithm's sampler:
+    Flow-GRPO's SDE (ddpo_*, rwr*, flow_grpo) or FDFO's churned Euler steps (fdfo); they evaluate with the ODE."""
+    noise_level: float = 0.7
+    """Flow models: Flow-GRPO's SDE noise level a, the step std being a * sqrt(sigma / (1 - sigma)) * sqrt(-dt)."""
+    churn: float = 0.0025
+    """Flow models, fdfo: the churn gamma of each step and of the initial noise (the FDFO paper's default)."""
+    eval_num_steps: int = 0
+    """Flow models: steps of the deterministic ODE sampler of the sample grid and evaluation; 0 = num_steps.
+    Flow-GRPO trains on 10 steps and evaluates on 40."""
 
 
 @dataclass
@@ -104,7 +113,9 @@ class TrainConfig:
     """The RL update: algorithm, optimizer and advantage estimation."""
 
     algorithm: str = "ddpo_is"
-    """One of "ddpo_is" (importance sampling, clipped), "ddpo_sf" (score function), "rwr", "rwr_sparse"."""
+    """One of "ddpo_is" (importance sampling, clipped), "ddpo_sf" (score function), "rwr", "rwr_sparse",
+    "flow_grpo" (group advantages, PPO-clip on SDE log-probs), "fdfo" (Finite Difference Flow Optimization:
+    pairs, SPO surrogate with eps = clip_range; flow-matching models only)."""
     epochs: int = 100
     """Outer epochs: each samples a fresh batch of images, then trains on it."""
     lr: float = 3e-4
@@ -124,7 +135,14 @@ class TrainConfig:
     inner_epochs: int = 1
     """Passes over each epoch's samples (several only for ddpo_is, rwr and rwr_sparse)."""
     clip_range: float = 1e-4
-    """PPO clip range epsilon of ddpo_is: the ratio is clipped to [1 - eps, 1 + eps]."""
+    """PPO clip range epsilon of ddpo_is and flow_grpo (the ratio is clipped to [1 - eps, 1 + eps]); the SPO
+    trust region eps of fdfo (3e-2 in its paper)."""
+    kl_weight: float = 0.0
+    """Weight of the KL to the reference model (the base model: LoRA disabled) added to every algorithm's loss,
+    per step: ||mu_theta - mu_ref||^2 / (2 std^2) for the Gaussian steps (Flow-GRPO's beta, DPOK), and
+    mean ||v - v_ref||^2 for fdfo. 0 = off. Needs model.use_lora; one more model pass per trained step."""
+    global_std: bool = False
+    """flow_grpo: divide by the std of the whole epoch's rewards instead of each group's (the paper's option)."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     max_grad_norm: float = 1.0
@@ -473,6 +491,9 @@ def validate(config: Config) -> None:
         _check(value % 8 == 0, f"sample.{key}={value} is not a multiple of 8 (the VAE downsamples by 8)")
     _check_choice("sample.scheduler", sample.scheduler, SCHEDULERS)
     _check(sample.eta >= 0, f"sample.eta={sample.eta:g} must be >= 0")
+    _check(sample.noise_level > 0, f"sample.noise_level={sample.noise_level:g} must be > 0 (0 makes the SDE an ODE, with no log-probability)")
+    _check(sample.churn >= 0, f"sample.churn={sample.churn:g} must be >= 0")
+    _check(sample.eval_num_steps >= 0, f"sample.eval_num_steps={sample.eval_num_steps} must be >= 0 (0 = sample.num_steps)")
     # Every algorithm here trains on log-probabilities of the sampling policy (paper Sec. 4).
     _check(
         sample.scheduler != "ddim" or sample.eta > 0,
@@ -505,6 +526,22 @@ def validate(config: Config) -> None:
         "so per-prompt statistics would never be used",
     )
     _check(0 <= train.rwr_percentile < 100, f"train.rwr_percentile={train.rwr_percentile:g} must be in [0, 100)")
+    _check(train.kl_weight >= 0, f"train.kl_weight={train.kl_weight:g} must be >= 0 (0 = no KL to the reference model)")
+    _check(
+        train.kl_weight == 0 or model.use_lora,
+        f"train.kl_weight={train.kl_weight:g} needs model.use_lora=true: the reference model is the base with the LoRA disabled",
+    )
+    algorithm = ALGORITHMS[train.algorithm]
+    try:
+        algorithm.check_config(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if algorithm.shared_initial_noise:
+        _check(
+            sample.batch_size % sample.samples_per_prompt == 0,
+            f"sample.batch_size={sample.batch_size} must be a multiple of sample.samples_per_prompt={sample.samples_per_prompt} "
+            f"for {train.algorithm}, whose groups are sampled together",
+        )
     if ALGORITHMS[train.algorithm].one_step_per_epoch:
         _check(
             train.inner_epochs == 1,

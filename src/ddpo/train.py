@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .algorithms import build_algorithm_from_config
 from .config import Config, ConfigError, config_to_dict, derived_batch_sizes, save_config, validate
 from .monitor import EARLY_STOP_METRIC, Monitor, tracker_metrics
-from .policy import StableDiffusionPolicy, Trajectory, build_policy
+from .policy import DiffusersPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
 from .rewards import RewardOutput, build_reward_from_config
 from .run_directory import TRAINER_STATE, RunDirectory, append_jsonl, epoch_name, read_jsonl, write_text_atomic
@@ -78,12 +78,12 @@ class Trainer:
         if device.type == "cpu":
             inference_dtype = torch.float32
         # Everything that can fail on bad input (model, reward, prompts) is built before the run directory.
+        self.algorithm = build_algorithm_from_config(config.train)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA's random init: the same on every rank and run
-            self.policy: StableDiffusionPolicy = build_policy(config, device, inference_dtype=inference_dtype)
+            self.policy: DiffusersPolicy = build_policy(config, device, inference_dtype=inference_dtype, sampler=self.algorithm.sampler)
         self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
-        self.algorithm = build_algorithm_from_config(config.train)
         self.monitor = Monitor(config, self.reward)  # the evaluation prompts and the held-out scorer
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
@@ -92,7 +92,7 @@ class Trainer:
             weight_decay=config.train.adam_weight_decay,
             eps=config.train.adam_epsilon,
         )
-        self.policy.denoiser, self.optimizer = self.accelerator.prepare(self.policy.unet, self.optimizer)
+        self.policy.denoiser, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
         self.start_epoch = 0
         self.last_epoch = 0  # the last finished epoch
         self.created_run_dir = not resume and not Path(run_dir).exists()
@@ -173,7 +173,9 @@ class Trainer:
             indices = [(b * world + rank) * batch + i for i in range(batch)]
             group = config.sample.samples_per_prompt
             prompts, metadata = zip(*(self.prompt_source(random.Random(derive_seed(config.seed, "prompt", epoch, i // group if group > 1 else i))) for i in indices))
-            trajectory = self.policy.sample(list(prompts), generators_for(config.seed, "noise", epoch, indices), list(metadata))
+            # Algorithms whose groups share the initial noise (FDFO's pairs) draw it from the group's generator.
+            initial = generators_for(config.seed, "initial-noise", epoch, [i // group for i in indices]) if self.algorithm.shared_initial_noise else None
+            trajectory = self.policy.sample(list(prompts), generators_for(config.seed, "noise", epoch, indices), list(metadata), initial_noise_generators=initial)
             futures.append(self._executor.submit(self.reward, trajectory.images, trajectory.prompts, trajectory.metadata))
             trajectories.append(trajectory)
             all_indices += indices
@@ -182,8 +184,10 @@ class Trainer:
         waited = time.perf_counter() - sampled
         info = _merge_info([o.info for o in outputs])
         device = self.accelerator.device
+        trajectory = Trajectory.concatenate(trajectories)
+        self.algorithm.prepare(trajectory)
         return EpochSamples(
-            trajectory=Trajectory.concatenate(trajectories),
+            trajectory=trajectory,
             indices=torch.tensor(all_indices, device=device),
             rewards=torch.from_numpy(np.concatenate([o.scores for o in outputs])).to(device),
             reward_info=info,
@@ -212,6 +216,7 @@ class Trainer:
         totals: dict[str, list[torch.Tensor]] = {}
         micro_step = 0
         chunk = config.train.timestep_chunk or sizes["num_train_timesteps"]
+        kl_weight = config.train.kl_weight
         for inner in range(config.train.inner_epochs):
             generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", epoch, inner, self.accelerator.process_index))
             order = torch.randperm(num_samples, generator=generator)
@@ -231,12 +236,17 @@ class Trainer:
                     micro_step += width
                     sync = micro_step % micro_steps_per_optimizer_step == 0
                     with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
-                        log_prob = self.policy.log_prob(part, columns)
-                        old_log_prob = part.log_probs[rows, columns]
+                        prediction = self.policy.predict(part, columns, reference=kl_weight > 0)
+                        log_prob, old_log_prob = self.algorithm.log_likelihoods(prediction, part, rows, columns)
                         output = self.algorithm.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), part_advantages.repeat_interleave(width))
-                        if not torch.isfinite(output.loss):
-                            raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss is {output.loss.item()}; stopping before it reaches the weights")
-                        self.accelerator.backward(output.loss * width / micro_steps_per_optimizer_step)
+                        loss = output.loss
+                        if kl_weight > 0:  # KL to the reference model (adapters off), in the algorithm's own terms
+                            kl = self.algorithm.kl_to_reference(prediction).mean()
+                            loss = loss + kl_weight * kl
+                            output.metrics["kl_to_reference"] = kl.detach()
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss is {loss.item()}; stopping before it reaches the weights")
+                        self.accelerator.backward(loss * width / micro_steps_per_optimizer_step)
                     for name, value in output.metrics.items():
                         totals.setdefault(name, []).extend([value.detach().float()] * width)
                     if sync:
@@ -253,7 +263,8 @@ class Trainer:
         held-out score is a new best and early stopping keeps best checkpoints."""
         new_best = False
         if self.accelerator.is_main_process:
-            record = self.monitor.evaluate(self.policy, epoch, epoch * self.sizes["samples_per_epoch"])
+            with self.policy.evaluation():
+                record = self.monitor.evaluate(self.policy, epoch, epoch * self.sizes["samples_per_epoch"])
             append_jsonl(self.run_dir.monitor_path, record)
             self.accelerator.log(tracker_metrics(record), step=epoch)
             new_best = self.monitor.observe(record) and self.config.train.early_stop_on_heldout
@@ -361,7 +372,8 @@ class Trainer:
         seeds = self.config.log.num_eval_seeds
         cells = [(row, prompt, s) for row, prompt in enumerate(prompts) for s in range(seeds)]
         generators = [torch.Generator().manual_seed(derive_seed(self.config.seed, "grid", row, s)) for row, _, s in cells]
-        images = self.policy.sample([prompt for _, prompt, _ in cells], generators).images  # one batch, row by row
+        with self.policy.evaluation():
+            images = self.policy.sample([prompt for _, prompt, _ in cells], generators).images  # one batch, row by row
         image_grid(images, len(prompts), seeds).save(self.run_dir.sample_grid_path(epoch))
         if epoch == 0 or not self.run_dir.grid_layout_path.is_file():
             layout = {"prompts": prompts, "seeds": seeds, "cell_width": images[0].width, "cell_height": images[0].height}

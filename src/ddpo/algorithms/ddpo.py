@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpo.algorithms.base import LossOutput
+from ddpo.algorithms.base import GaussianStepAlgorithm, LossOutput
 from ddpo.core import (
     PerPromptStatTracker,
     approx_kl,
@@ -20,7 +20,7 @@ from ddpo.core import (
 )
 
 
-class _DDPOAdvantages:
+class _DDPOAdvantages(GaussianStepAlgorithm):
     """Advantages shared by both estimators: per-prompt or global normalisation, then clipping."""
 
     def __init__(

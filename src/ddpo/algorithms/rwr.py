@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpo.algorithms.base import LossOutput
+from ddpo.algorithms.base import GaussianStepAlgorithm, LossOutput
 from ddpo.core import approx_kl, rwr_weights, sparse_rwr_weights, weighted_log_likelihood_loss
 
 
-class _WeightedRegression:
+class _WeightedRegression(GaussianStepAlgorithm):
     """Loss and (empty) state shared by both RWR variants; subclasses define the weights."""
 
     uses_importance_ratio = False

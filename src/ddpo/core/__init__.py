@@ -1,6 +1,7 @@
-"""Pure tensor math of DDPO: reverse-step Gaussians and log-probs, losses, advantage normalisation."""
+"""Pure tensor math of DDPO and its successors: reverse-step Gaussians and log-probs (DDIM, flow SDE, churned
+Euler), losses, advantage normalisation, FDFO's finite differences."""
 
-from ddpo.core.advantages import PerPromptStatTracker, global_normalize
+from ddpo.core.advantages import PerPromptStatTracker, global_normalize, group_normalize
 from ddpo.core.ddim import (
     StepOutput,
     ddim_alphas,
@@ -10,6 +11,8 @@ from ddpo.core.ddim import (
     gaussian_log_prob,
     predicted_original_and_epsilon,
 )
+from ddpo.core.finite_difference import endpoint_directions, pair_reward_differences, velocity_log_likelihood
+from ddpo.core.flow import churn_noise, churn_step, euler_step, flow_sigmas, sde_std, sde_step
 from ddpo.core.losses import (
     approx_kl,
     clip_advantages,
@@ -18,6 +21,7 @@ from ddpo.core.losses import (
     reinforce_loss,
     rwr_weights,
     sparse_rwr_weights,
+    spo_loss,
     weighted_log_likelihood_loss,
 )
 
@@ -25,18 +29,29 @@ __all__ = [
     "PerPromptStatTracker",
     "StepOutput",
     "approx_kl",
+    "churn_noise",
+    "churn_step",
     "clip_advantages",
     "clip_fraction",
     "ddim_alphas",
     "ddim_step",
     "ddpm_step",
+    "endpoint_directions",
+    "euler_step",
+    "flow_sigmas",
     "gaussian_kl",
     "gaussian_log_prob",
     "global_normalize",
+    "group_normalize",
+    "pair_reward_differences",
     "ppo_clip_loss",
     "predicted_original_and_epsilon",
     "reinforce_loss",
     "rwr_weights",
+    "sde_std",
+    "sde_step",
     "sparse_rwr_weights",
+    "spo_loss",
+    "velocity_log_likelihood",
     "weighted_log_likelihood_loss",
 ]

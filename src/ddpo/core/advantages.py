@@ -77,3 +77,33 @@ class PerPromptStatTracker:
         self.buffers = {
             prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()
         }
+
+
+GROUP_EPSILON = 1e-4  # flow_grpo's stat tracker
+
+
+def group_normalize(rewards: Tensor, groups: list, global_std: bool = False) -> Tensor:
+    """GRPO advantages (Flow-GRPO, Liu et al. 2025, eq. 4): (r - mean of the group) / (std + 1e-4).
+
+    The std is each group's own (population std), or with `global_std` the std of all `rewards` (Flow-GRPO's
+    `global_std` option, which keeps groups whose rewards barely differ from being blown up). Computed in float64.
+
+    Args:
+        rewards: (n,).
+        groups: n hashable group labels (e.g. prompts); samples with equal labels form a group.
+        global_std: divide by the std of the whole batch instead of the group's.
+
+    Returns:
+        (n,) advantages in `rewards`' dtype and device.
+    """
+    if len(groups) != rewards.numel():
+        raise ValueError(f"got {len(groups)} group labels for {rewards.numel()} rewards")
+    values = rewards.detach().cpu().double()
+    advantages = torch.empty_like(values)
+    batch_std = values.std(unbiased=False)
+    for label in dict.fromkeys(groups):
+        index = torch.tensor([i for i, g in enumerate(groups) if g == label])
+        group = values[index]
+        std = batch_std if global_std else group.std(unbiased=False)
+        advantages[index] = (group - group.mean()) / (std + GROUP_EPSILON)
+    return advantages.to(device=rewards.device, dtype=rewards.dtype)

@@ -121,3 +121,21 @@ def clip_fraction(ratio: Tensor, clip_range: float) -> Tensor:
         Scalar float tensor in [0, 1].
     """
     return ((ratio - 1.0).abs() > clip_range).float().mean()
+
+
+def spo_loss(advantages: Tensor, ratio: Tensor, epsilon: float) -> Tensor:
+    """Simple Policy Optimization surrogate (Xie et al. 2025, arXiv 2401.13244), as FDFO uses it:
+    mean(-A r + |A| / (2 eps) (r - 1)^2).
+
+    Instead of PPO's hard clip, a quadratic penalty whose minimum in r is at r = 1 + eps sign(A): the ratio is
+    pulled towards the edge of the trust region and never past it, and the gradient never vanishes.
+
+    Args:
+        advantages: (b,).
+        ratio: (b,).
+        epsilon: eps > 0.
+
+    Returns:
+        Scalar loss.
+    """
+    return (-advantages * ratio + advantages.abs() / (2.0 * epsilon) * (ratio - 1.0) ** 2).mean()

@@ -1,44 +1,90 @@
-"""Policies: adapters that sample trajectories from a diffusers pipeline and recompute their log-probs."""
+"""Policies: adapters that sample trajectories from a diffusers pipeline and recompute their log-probs.
+
+`build_policy` picks the policy from the pipeline it loads: a `StableDiffusionPipeline` with a DDIM-family
+scheduler -> `StableDiffusionPolicy` (DDIM/DDPM steps); a `StableDiffusionPipeline` whose scheduler is
+`FlowMatchEulerDiscreteScheduler` (the Shapes flow twin) -> `UNetFlowPolicy`; `StableDiffusion3Pipeline` ->
+`StableDiffusion3Policy`; `FluxPipeline` -> `FluxPolicy`. The flow policies sample with the sampler the
+algorithm asks for (Flow-GRPO's SDE, FDFO's churned Euler steps) and evaluate with the ODE.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .stable_diffusion import LoraOptions, PolicyLoadError, SamplingOptions, StableDiffusionPolicy, load_pipeline
-from .trajectory import Trajectory
+from .base import DiffusersPolicy, LoraOptions
+from .flow import FlowMatchingPolicy, FlowSamplingOptions, UNetFlowPolicy
+from .stable_diffusion import PolicyLoadError, SamplingOptions, StableDiffusionPolicy, load_pipeline
+from .trajectory import StepPrediction, Trajectory
 
-# Names that stand for pipelines shipped inside the package (the Shapes world).
-SHIPPED_MODELS = ("shapes",)
+# Names that stand for pipelines shipped inside the package (the Shapes world): the DDIM model and its
+# flow-matching twin (velocity UNet, same VAE and text encoder).
+SHIPPED_MODELS = {"shapes": "shapes-sd", "shapes-flow": "shapes-flow"}
 
 
 def resolve_model(pretrained: str) -> str:
     """A shipped model's name -> its directory; anything else (hub id, path) unchanged."""
-    if pretrained in SHIPPED_MODELS:
-        from ..toyworld import shipped_pipeline_dir
+    if pretrained not in SHIPPED_MODELS:
+        return pretrained
+    from ..toyworld import WEIGHTS_DIR, shipped_pipeline_dir
 
+    if pretrained == "shapes":
         return str(shipped_pipeline_dir())
-    return pretrained
+    path = Path(WEIGHTS_DIR) / SHIPPED_MODELS[pretrained]
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"model.pretrained={pretrained!r}: the shipped Shapes flow twin is missing from {path}; run `ddpo toy pretrain` (its stage 5 writes pipeline-flow)")
+    return str(path)
 
 
-def build_policy(config, device: torch.device | str = "cpu", inference_dtype: torch.dtype = torch.float32) -> StableDiffusionPolicy:
-    """The policy a `Config` describes (model, LoRA and sampling sections)."""
+def is_flow_pipeline(pipeline) -> bool:
+    """Whether the pipeline samples by flow matching (velocity prediction, `FlowMatchEulerDiscreteScheduler`)."""
+    return isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def policy_for_pipeline(
+    pipeline, config, *, sampler: str = "sde", device: torch.device | str = "cpu", inference_dtype: torch.dtype = torch.float32, lora: LoraOptions | None = None
+) -> DiffusersPolicy:
+    """The policy over a loaded `pipeline` with the model, sampling and train sections of `config`.
+
+    `sampler` is the flow policies' training sampler ("sde", "churn" or "ode" for sampling only); the DDIM
+    policy has only its own (a "churn" request for a DDIM model is refused).
+    """
+    from .flux import FluxPolicy
+    from .sd3 import StableDiffusion3Policy
+
     model, sample = config.model, config.sample
-    return StableDiffusionPolicy.from_pretrained(
-        resolve_model(model.pretrained),
-        SamplingOptions(
+    if lora is None:
+        lora = LoraOptions(enabled=model.use_lora, rank=model.lora_rank, alpha=model.lora_alpha, target_modules=model.lora_target_modules)
+    common = dict(train_cfg=config.train.cfg, gradient_checkpointing=model.gradient_checkpointing, device=device, inference_dtype=inference_dtype)
+    if not is_flow_pipeline(pipeline):
+        if sampler == "churn":
+            raise PolicyLoadError(
+                f"train.algorithm={config.train.algorithm!r} needs a flow-matching model (FlowMatchEulerDiscreteScheduler); "
+                f"model.pretrained={model.pretrained!r} uses {type(pipeline.scheduler).__name__}"
+            )
+        sampling = SamplingOptions(
             num_steps=sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale,
             height=sample.height, width=sample.width, scheduler=sample.scheduler,
-        ),
-        LoraOptions(enabled=model.use_lora, rank=model.lora_rank, alpha=model.lora_alpha, target_modules=model.lora_target_modules),
-        revision=model.revision,
-        train_cfg=config.train.cfg,
-        gradient_checkpointing=model.gradient_checkpointing,
-        device=device,
-        inference_dtype=inference_dtype,
+        )  # fmt: skip
+        return StableDiffusionPolicy(pipeline, sampling, lora, **common)
+    sampling = FlowSamplingOptions(
+        num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
+        sampler=sampler, noise_level=sample.noise_level, churn=sample.churn, eval_num_steps=sample.eval_num_steps,
     )  # fmt: skip
+    policy_class = {"StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}.get(type(pipeline).__name__, UNetFlowPolicy)
+    return policy_class(pipeline, sampling, lora, **common)
+
+
+def build_policy(config, device: torch.device | str = "cpu", inference_dtype: torch.dtype = torch.float32, *, sampler: str = "sde") -> DiffusersPolicy:
+    """The policy a `Config` describes (model, LoRA and sampling sections), over the pipeline it names."""
+    pipeline = load_pipeline(resolve_model(config.model.pretrained), config.model.revision)
+    return policy_for_pipeline(pipeline, config, sampler=sampler, device=device, inference_dtype=inference_dtype)
 
 
 __all__ = [
-    "LoraOptions", "PolicyLoadError", "SamplingOptions", "StableDiffusionPolicy", "Trajectory",
-    "build_policy", "load_pipeline", "resolve_model",
+    "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SamplingOptions",
+    "StableDiffusionPolicy", "StepPrediction", "Trajectory", "UNetFlowPolicy", "build_policy", "is_flow_pipeline",
+    "load_pipeline", "policy_for_pipeline", "resolve_model",
 ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The DDPO policy over a diffusers `StableDiffusionPipeline`.
+"""The DDPO policy over a diffusers `StableDiffusionPipeline`, and loading any supported pipeline.
 
 Each DDIM step with eta > 0 is a Gaussian policy pi(x_{t-1} | x_t, c) = N(mu_theta(x_t, t, c), sigma_t^2 I)
 (DDPO, Black et al. 2023, Sec. 4.2). `sample` runs the chain with classifier-free guidance and records the
@@ -8,19 +8,25 @@ through the trainable weights (LoRA via peft, or the whole UNet).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+import diffusers
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.ddim import StepOutput, ddim_alphas, ddim_step, ddpm_step, gaussian_kl
-from .trajectory import Trajectory
+from .base import DEFAULT_LORA_TARGETS, DiffusersPolicy, LoraOptions
+from .trajectory import StepPrediction, Trajectory
 
-DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+__all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOptions", "StableDiffusionPolicy", "load_pipeline"]
+
+# The pipelines a policy exists for, by the `_class_name` of their model_index.json (imported when used:
+# importing SD3's pipeline makes transformers print warnings about optional image processors).
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
 
 class PolicyLoadError(RuntimeError):
@@ -37,35 +43,35 @@ class SamplingOptions:
     scheduler: str = "ddim"  # "ddim" or "ddpm" (the same posterior at eta = 1; kept for users who think in DDPM)
 
 
-@dataclass
-class LoraOptions:
-    enabled: bool = True
-    rank: int = 4
-    alpha: float = 4.0
-    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+def load_pipeline(pretrained: str, revision: str | None = None) -> DiffusionPipeline:
+    """Load a supported pipeline from a hub id or a local directory, with a clear error.
 
-
-def load_pipeline(pretrained: str, revision: str | None = None) -> StableDiffusionPipeline:
-    """Load a Stable-Diffusion-compatible pipeline from a hub id or a local directory, with a clear error.
-
-    Weights load in their stored precision; the policy casts frozen modules to its inference dtype.
+    Stable Diffusion 1.x/2.x (and the Shapes models, DDIM or flow-matching), SD3/SD3.5 and FLUX, told apart by
+    the `_class_name` of the pipeline's model_index.json. Weights load in their stored precision; the policy
+    casts frozen modules to its inference dtype.
     """
     local = Path(pretrained).expanduser()
     looks_local = pretrained.startswith((".", "/", "~")) or local.exists() or pretrained.count("/") != 1
     if looks_local and not local.is_dir():
         raise PolicyLoadError(f"model.pretrained={pretrained!r}: no such directory (and not a hub id of the form 'owner/name')")
+    source, source_revision = (str(local), None) if looks_local else (pretrained, revision)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(local) if looks_local else pretrained,
-            revision=None if looks_local else revision,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        class_name = DiffusionPipeline.load_config(source, revision=source_revision).get("_class_name", "StableDiffusionPipeline")
     except Exception as error:  # diffusers raises many types (OSError, ValueError, HTTP errors)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PolicyLoadError(f"model.pretrained={pretrained!r} could not be loaded as a Stable Diffusion pipeline: {first_line}") from error
+        raise PolicyLoadError(f"model.pretrained={pretrained!r} could not be loaded as a diffusers pipeline: {_first_line(error)}") from error
+    if class_name not in PIPELINE_CLASSES:
+        raise PolicyLoadError(f"model.pretrained={pretrained!r} is a {class_name}; supported pipelines: {', '.join(PIPELINE_CLASSES)}")
+    extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(source, revision=source_revision, **extra)
+    except Exception as error:
+        raise PolicyLoadError(f"model.pretrained={pretrained!r} could not be loaded as a {class_name}: {_first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def ddim_scheduler_for_policy(config) -> DDIMScheduler:
@@ -83,30 +89,53 @@ def ddim_scheduler_for_policy(config) -> DDIMScheduler:
     return scheduler
 
 
-def vae_scale_factor(pipeline: StableDiffusionPipeline) -> int:
+def vae_scale_factor(pipeline) -> int:
     """Pixels per latent cell: the VAE halves the resolution once per block after the first."""
     return 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
 
-def native_image_size(pipeline: StableDiffusionPipeline) -> int:
-    """The image size (pixels) the UNet was trained at."""
-    return pipeline.unet.config.sample_size * vae_scale_factor(pipeline)
+def native_image_size(pipeline) -> int:
+    """The image size (pixels) the denoising network was trained at."""
+    if getattr(pipeline, "unet", None) is not None:
+        return pipeline.unet.config.sample_size * vae_scale_factor(pipeline)
+    return pipeline.default_sample_size * vae_scale_factor(pipeline)  # SD3, FLUX
 
 
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
-    module.to(device)
-    if module.dtype != dtype:
-        module.to(dtype=dtype)
+class StableDiffusionText:
+    """Text encoding, latent shape and decoding of `StableDiffusionPipeline`s (the DDIM policy and the UNet flow twin)."""
+
+    pipeline: StableDiffusionPipeline
+    device: torch.device
+    _negative_embeds: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) last hidden states of the text encoder, padded to the tokenizer's max length."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].float()
+
+    def negative_embeds(self, batch_size: int) -> torch.Tensor:
+        if self._negative_embeds is None:
+            self._negative_embeds = self.encode_prompts([""])
+        return self._negative_embeds.expand(batch_size, -1, -1)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = vae_scale_factor(self.pipeline)
+        return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
 
 
-class StableDiffusionPolicy:
-    """Sampling with trajectories and differentiable log-probs over a `StableDiffusionPipeline`.
+class StableDiffusionPolicy(StableDiffusionText, DiffusersPolicy):
+    """Sampling with trajectories and differentiable log-probs over a `StableDiffusionPipeline` (DDIM / DDPM).
 
     The UNet is frozen except for LoRA adapters (or fully trainable when `lora.enabled` is False); the VAE
-    and the text encoder are always frozen. `denoiser` is the module `log_prob` calls for the noise prediction:
-    the trainer may replace it with the same UNet wrapped for distributed training (sampling, which needs no
-    gradient synchronisation, always calls the bare UNet).
+    and the text encoder are always frozen (see `DiffusersPolicy`).
     """
 
     def __init__(
@@ -120,88 +149,21 @@ class StableDiffusionPolicy:
         device: torch.device | str = "cpu",
         inference_dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.pipeline = pipeline
         self.sampling = sampling
-        self.lora = lora or LoraOptions()
         self.train_cfg = train_cfg
-        self.device = torch.device(device)
         self.scheduler = ddim_scheduler_for_policy(pipeline.scheduler.config)
-        self.scheduler.set_timesteps(sampling.num_steps, device=self.device)
+        self.scheduler.set_timesteps(sampling.num_steps, device=torch.device(device))
         self.prediction_type: str = self.scheduler.config.prediction_type
         self.vae, self.text_encoder, self.tokenizer, self.unet = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet
-        for module in (self.vae, self.text_encoder):
-            _place(module.requires_grad_(False), self.device, inference_dtype)
-        self.unet.requires_grad_(False)
-        if self.lora.enabled:
-            from peft import LoraConfig
-
-            # Frozen base weights may sit in half precision; the adapters train in fp32.
-            _place(self.unet, self.device, inference_dtype)
-            config = LoraConfig(
-                r=self.lora.rank,
-                lora_alpha=self.lora.alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(self.lora.target_modules),
-            )
-            self.unet.add_adapter(config)
-            for parameter in self.unet.parameters():
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()
-        else:
-            _place(self.unet.requires_grad_(True), self.device, torch.float32)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.denoiser: Callable[..., object] = self.unet
+        super().__init__(
+            pipeline, lora, frozen=(self.vae, self.text_encoder), gradient_checkpointing=gradient_checkpointing,
+            device=device, inference_dtype=inference_dtype,
+        )  # fmt: skip
         self._negative_embeds: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained: str, sampling: SamplingOptions, lora: LoraOptions | None = None, *, revision: str | None = None, **kwargs) -> "StableDiffusionPolicy":
         return cls(load_pipeline(pretrained, revision), sampling, lora, **kwargs)
-
-    # ---- parameters and saving --------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors by parameter name (exact fp32 copies: what a checkpoint needs to resume)."""
-        return {name: p.detach().cpu().clone() for name, p in self.unet.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        parameters = dict(self.unet.named_parameters())
-        missing = [name for name, p in parameters.items() if p.requires_grad and name not in state]
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]!r}")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                parameters[name].copy_(tensor)
-
-    def save_adapter(self, directory: str | Path) -> None:
-        """LoRA in diffusers' format (`pipe.load_lora_weights(directory)` loads it), else the full UNet."""
-        directory = Path(directory)
-        if self.lora.enabled:
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            # The adapter config travels with the weights: without it, load_lora_weights assumes alpha = rank.
-            metadata = self.unet.peft_config["default"].to_dict()
-            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True)
-        else:
-            self.unet.save_pretrained(directory / "unet", safe_serialization=True)
-
-    # ---- text -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) last hidden states of the text encoder, padded to the tokenizer's max length."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].float()
-
-    def negative_embeds(self, batch_size: int) -> torch.Tensor:
-        if self._negative_embeds is None:
-            self._negative_embeds = self.encode_prompts([""])
-        return self._negative_embeds.expand(batch_size, -1, -1)
 
     # ---- the policy -------------------------------------------------------------------------------------
     def _noise_prediction(self, model, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, negative: torch.Tensor, guidance: bool) -> torch.Tensor:
@@ -227,10 +189,6 @@ class StableDiffusionPolicy:
             prediction_type=self.prediction_type, prev_sample=prev_sample, noise=noise,
         )  # fmt: skip
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        factor = vae_scale_factor(self.pipeline)
-        return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
-
     @torch.no_grad()
     def sample(
         self,
@@ -240,11 +198,14 @@ class StableDiffusionPolicy:
         *,
         decode: bool = True,
         progress: bool = False,
+        initial_noise_generators: Sequence[torch.Generator] | None = None,
     ) -> Trajectory:
         """Run the DDIM chain for each prompt; all randomness of sample i comes from `generators[i]`.
 
         Drawing the initial noise and every step's noise per sample (not per batch) makes a sample depend
         only on its own generator, so results do not change with batch size or the number of processes.
+        With `initial_noise_generators`, x_T of sample i is drawn from `initial_noise_generators[i]` instead
+        (samples given equal generators start from the same noise).
         """
         batch = len(prompts)
         if len(generators) != batch:
@@ -255,7 +216,8 @@ class StableDiffusionPolicy:
         noise = torch.stack([torch.randn((T + 1, *shape), generator=g, device=g.device) for g in generators]).to(self.device)
         embeds = self.encode_prompts(prompts)
         negative = self.negative_embeds(batch)
-        latents = noise[:, 0] * self.scheduler.init_noise_sigma
+        initial = noise[:, 0] if initial_noise_generators is None else _draw_initial(initial_noise_generators, shape, self.device)
+        latents = initial * self.scheduler.init_noise_sigma
         all_latents, all_log_probs = [latents], []
         timesteps = self.scheduler.timesteps
         dtype = self.unet.dtype  # read once: diffusers walks every submodule to answer it
@@ -279,14 +241,15 @@ class StableDiffusionPolicy:
             images=images,
         )
 
-    def log_prob(self, trajectory: Trajectory, step_indices: torch.Tensor) -> torch.Tensor:
-        """Recompute log p(x_{t-1} | x_t, c) with gradients for the chosen steps, in one model call.
+    def predict(self, trajectory: Trajectory, step_indices: torch.Tensor, *, reference: bool = False) -> StepPrediction:
+        """The policy at the chosen steps, in one model call, with gradients through the trainable weights.
 
         The K chosen steps of the B samples (and both classifier-free-guidance halves) go through the UNet
         as one batch of B*K (2*B*K with CFG); per-timestep calls give the same values, only slower. Callers
-        that must bound memory pass fewer columns at a time (the trainer's `train.timestep_chunk`).
+        that must bound memory pass fewer columns at a time (the trainer's `train.timestep_chunk`). With
+        `reference`, the base model (adapters disabled) is evaluated too, without gradients.
 
-        step_indices: (B, K) step positions per sample (or (K,) shared by all); returns (B, K) fp32.
+        step_indices: (B, K) step positions per sample (or (K,) shared by all).
         """
         batch = len(trajectory)
         step_indices = step_indices.to(trajectory.latents.device)
@@ -298,11 +261,29 @@ class StableDiffusionPolicy:
         dtype = self.unet.dtype
         latents = trajectory.latents[rows, index]
         timesteps = trajectory.timesteps[rows, index]
+        prev_sample = trajectory.latents[rows, index + 1].float()
         embeds = trajectory.prompt_embeds.repeat_interleave(num_columns, dim=0).to(dtype)
         negative = trajectory.negative_embeds.repeat_interleave(num_columns, dim=0).to(dtype)
+
+        def unflatten(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.reshape(batch, num_columns, *tensor.shape[1:])
+
         model_output = self._noise_prediction(self.denoiser, latents.to(dtype), timesteps, embeds, negative, guidance=self.train_cfg).float()
-        step = self._step(model_output, latents.float(), timesteps, prev_sample=trajectory.latents[rows, index + 1].float())
-        return step.log_prob.reshape(batch, num_columns)
+        step = self._step(model_output, latents.float(), timesteps, prev_sample=prev_sample)
+        prediction = StepPrediction(model_output=unflatten(model_output), mean=unflatten(step.mean), std=unflatten(step.std), log_prob=unflatten(step.log_prob))
+        if reference:
+            with torch.no_grad(), self.reference_model() as base:
+                base_output = self._noise_prediction(base, latents.to(dtype), timesteps, embeds, negative, guidance=self.train_cfg).float()
+            prediction.reference_model_output = unflatten(base_output)
+            prediction.reference_mean = unflatten(self._step(base_output, latents.float(), timesteps, prev_sample=prev_sample).mean)
+        return prediction
+
+    def log_prob(self, trajectory: Trajectory, step_indices: torch.Tensor) -> torch.Tensor:
+        """Recompute log p(x_{t-1} | x_t, c) with gradients for the chosen steps (see `predict`).
+
+        step_indices: (B, K) step positions per sample (or (K,) shared by all); returns (B, K) fp32.
+        """
+        return self.predict(trajectory, step_indices).log_prob
 
     @torch.no_grad()
     def kl_to_base(self, trajectory: Trajectory) -> torch.Tensor:
@@ -328,19 +309,16 @@ class StableDiffusionPolicy:
         for k in range(trajectory.num_steps):
             latents = trajectory.latents[rows, k].to(self.device)
             timesteps = trajectory.timesteps[rows, k].to(self.device)
-            means = []
-            for adapters_on in (True, False):
-                (self.unet.enable_adapters if adapters_on else self.unet.disable_adapters)()
-                try:
-                    output = self._noise_prediction(self.unet, latents.to(dtype), timesteps, embeds, negative, guidance=True).float()
-                finally:
-                    self.unet.enable_adapters()
-                step = self._step(output, latents.float(), timesteps, prev_sample=trajectory.latents[rows, k + 1].to(self.device).float())
-                means.append(step.mean)
-            total += gaussian_kl(means[0], means[1], step.std)
+            prev_sample = trajectory.latents[rows, k + 1].to(self.device).float()
+            output = self._noise_prediction(self.unet, latents.to(dtype), timesteps, embeds, negative, guidance=True).float()
+            step = self._step(output, latents.float(), timesteps, prev_sample=prev_sample)
+            with self.reference_model() as base:
+                base_output = self._noise_prediction(base, latents.to(dtype), timesteps, embeds, negative, guidance=True).float()
+            base_step = self._step(base_output, latents.float(), timesteps, prev_sample=prev_sample)
+            total += gaussian_kl(step.mean, base_step.mean, step.std)
         return total
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
+
+def _draw_initial(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B, *shape) standard normal noise, sample i from `generators[i]`."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)

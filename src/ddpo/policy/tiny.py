@@ -1,7 +1,11 @@
-"""Tiny random Stable Diffusion pipelines built in code (no download), for tests and benchmarks.
+"""Tiny random pipelines built in code (no download), for tests and benchmarks: Stable Diffusion (DDIM or
+flow-matching), SD3 and FLUX.
 
 The same idea as diffusers' `get_dummy_components()`: every class is the real one (UNet2DConditionModel,
-AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIMScheduler), only the sizes are tiny and the weights random.
+SD3Transformer2DModel, FluxTransformer2DModel, AutoencoderKL, CLIPTextModel, T5EncoderModel, CLIP and T5
+tokenizers, DDIMScheduler or FlowMatchEulerDiscreteScheduler), only the sizes are tiny and the weights random.
+The tokenizers are written offline with the `tokenizers` library (a byte-level BPE for CLIP, a Unigram
+vocabulary of whole words for T5).
 """
 
 from __future__ import annotations
@@ -10,14 +14,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 ANIMAL_WORDS = ("a", "an", "cat", "dog", "horse", "elephant", "otter", "monkey", "riding", "bike", "playing", "chess")
 
 
-def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: tuple[str, ...] = ANIMAL_WORDS) -> StableDiffusionPipeline:
-    """A random SD-architecture pipeline: 32 px images, 8x8x4 latents, UNet of ~0.3M parameters."""
+def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: tuple[str, ...] = ANIMAL_WORDS, flow: bool = False) -> StableDiffusionPipeline:
+    """A random SD-architecture pipeline: 32 px images, 8x8x4 latents, UNet of ~0.3M parameters.
+
+    With `flow`, the scheduler is `FlowMatchEulerDiscreteScheduler` (shift 1), the Shapes flow twin's setup: the
+    UNet is read as a velocity model with timestep input 1000 * sigma.
+    """
     from ..toyworld.tokenizer import write_tokenizer
 
     torch.manual_seed(seed)
@@ -59,10 +67,13 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: 
             pad_token_id=tokenizer.eos_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )  # fmt: skip
+    if flow:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    else:
+        scheduler = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        )  # fmt: skip
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -71,8 +82,98 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: 
     return pipe
 
 
-def save_tiny_pipeline(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write a tiny random pipeline as a standard `StableDiffusionPipeline` directory."""
+def _clip_tokenizer(words: tuple[str, ...]):
+    from ..toyworld.tokenizer import write_tokenizer
+
+    with tempfile.TemporaryDirectory() as directory:
+        return write_tokenizer(Path(directory), list(words))
+
+
+def _clip_config(tokenizer, hidden_size: int, projection_dim: int = 16) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+
+
+def _t5(words: tuple[str, ...], d_model: int = 32) -> tuple[T5EncoderModel, T5Tokenizer]:
+    """A 2-layer T5 encoder and a Unigram T5 tokenizer whose pieces are the whole words ("▁cat"), built offline."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(f"▁{word}", -1.0) for word in sorted(set(words))]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config), tokenizer
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS):
+    """A random `StableDiffusion3Pipeline`: 32 px images, 8x8x4 latents, a one-layer MMDiT, CLIP-L/G and T5 of width 16-32."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=32,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    tokenizer, tokenizer_2 = _clip_tokenizer(words), _clip_tokenizer(words)
+    # The two CLIPs' states (16 + 16) are padded to T5's width (32); their pooled outputs (16 + 16) are the pooled projection.
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, 16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 16))
+    text_encoder_3, tokenizer_3 = _t5(words, d_model=32)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return _eval_mode(pipe)
+
+
+def build_tiny_flux_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS, guidance_embeds: bool = True):
+    """A random `FluxPipeline`: 32 px images, 16x16x1 latents packed into 64 tokens of 4, a one-layer transformer
+    (one double, one single block), CLIP and T5 of width 32; guidance-distilled (like FLUX.1-dev) by default."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=guidance_embeds,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=1, norm_num_groups=8, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    tokenizer = _clip_tokenizer(words)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    text_encoder_2, tokenizer_2 = _t5(words, d_model=32)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return _eval_mode(pipe)
+
+
+def _eval_mode(pipe):
+    """Modules in eval mode, as `from_pretrained` returns them (T5's dropout would make every call differ)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+TINY_PIPELINES = {"sd": build_tiny_pipeline, "sd-flow": lambda seed=0: build_tiny_pipeline(seed, flow=True), "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}
+
+
+def save_tiny_pipeline(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd") -> Path:
+    """Write a tiny random pipeline of `kind` ("sd", "sd-flow", "sd3", "flux") as a standard diffusers directory."""
     directory = Path(directory)
-    build_tiny_pipeline(seed, prediction_type).save_pretrained(directory, safe_serialization=True)
+    pipe = build_tiny_pipeline(seed, prediction_type) if kind == "sd" else TINY_PIPELINES[kind](seed=seed)
+    pipe.save_pretrained(directory, safe_serialization=True)
     return directory

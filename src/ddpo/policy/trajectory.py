@@ -12,11 +12,16 @@ from PIL import Image
 class Trajectory:
     """A batch of B sampled chains of T denoising steps.
 
-    latents:         (B, T + 1, C, h, w)  x_T ... x_0, in the scheduler's latent space
-    timesteps:       (B, T)               the scheduler timestep of each step
-    log_probs:       (B, T)               log p(x_{t-1} | x_t, c) under the sampling policy (fp32)
+    latents:         (B, T + 1, ...)      x_T ... x_0, in the policy's latent space (FLUX: packed tokens)
+    timesteps:       (B, T)               the timestep of each step: the scheduler's for DDIM, sigma in [0, 1] for flows
+    log_probs:       (B, T)               log p(x_{t-1} | x_t, c) under the sampling policy (fp32); NaN where the
+                                          step is deterministic (an ODE step, the last churned step)
     prompt_embeds:   (B, L, D)            text-encoder states of the prompts
     negative_embeds: (B, L, D)            text-encoder states of the negative (empty) prompt, for CFG
+    pooled_embeds, negative_pooled_embeds: (B, D) pooled text embeddings of SD3 and FLUX, else None
+    model_outputs:   (B, T, ...) or None  the guided model output (velocity) at each step, when the sampler keeps
+                                          it (FDFO's v_ref)
+    extras:          per-sample tensors (B, ...) an algorithm attaches for training (FDFO's finite differences)
     prompts, metadata, images: per-sample Python objects (images are the decoded x_0)
     """
 
@@ -28,8 +33,13 @@ class Trajectory:
     prompts: list[str]
     metadata: list[dict] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
+    pooled_embeds: torch.Tensor | None = None
+    negative_pooled_embeds: torch.Tensor | None = None
+    model_outputs: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     _TENSORS = ("latents", "timesteps", "log_probs", "prompt_embeds", "negative_embeds")
+    _OPTIONAL_TENSORS = ("pooled_embeds", "negative_pooled_embeds", "model_outputs")
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -42,9 +52,14 @@ class Trajectory:
         """The sub-batch at `index` (a list or 1-D tensor of sample positions)."""
         index = torch.as_tensor(index, dtype=torch.long)
         positions = index.tolist()
-        tensors = {name: getattr(self, name)[index.to(getattr(self, name).device)] for name in self._TENSORS}
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[index.to(tensor.device)]
+
+        tensors = {name: pick(getattr(self, name)) for name in self._TENSORS + self._OPTIONAL_TENSORS}
         return Trajectory(
             **tensors,
+            extras={name: pick(value) for name, value in self.extras.items()},
             prompts=[self.prompts[i] for i in positions],
             metadata=[self.metadata[i] for i in positions] if self.metadata else [],
             images=[self.images[i] for i in positions] if self.images else [],
@@ -52,10 +67,33 @@ class Trajectory:
 
     @staticmethod
     def concatenate(parts: list["Trajectory"]) -> "Trajectory":
-        tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in Trajectory._TENSORS}
+        def cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if values[0] is None else torch.cat(values)
+
+        tensors = {name: cat([getattr(p, name) for p in parts]) for name in Trajectory._TENSORS + Trajectory._OPTIONAL_TENSORS}
         return Trajectory(
             **tensors,
+            extras={name: torch.cat([p.extras[name] for p in parts]) for name in parts[0].extras},
             prompts=[x for p in parts for x in p.prompts],
             metadata=[x for p in parts for x in p.metadata],
             images=[x for p in parts for x in p.images],
         )
+
+
+@dataclass
+class StepPrediction:
+    """A policy evaluated at K chosen steps of each of B chains (`Policy.predict`).
+
+    model_output:           (B, K, ...) the guided model output (noise or velocity prediction), with grad
+    mean, std:              (B, K, ...) and (B, K, 1, ..., 1): the Gaussian of the next latent under the policy's sampler
+    log_prob:               (B, K) log-density of the recorded next latent (fp32, with grad)
+    reference_model_output, reference_mean: the same from the reference model (adapters disabled, no grad),
+                            present when asked for (KL regularisation)
+    """
+
+    model_output: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor
+    reference_model_output: torch.Tensor | None = None
+    reference_mean: torch.Tensor | None = None

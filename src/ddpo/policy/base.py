@@ -1,0 +1,148 @@
+"""What every policy shares: the trained network (a UNet or a transformer) with LoRA adapters or all weights
+trainable, frozen text encoders and VAE, the trainable state, diffusers-format saving, and the reference model
+(the same network with its adapters disabled) for KL regularisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+@dataclass
+class LoraOptions:
+    enabled: bool = True
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype=dtype)
+
+
+class DiffusersPolicy:
+    """The trainable part of a policy over a diffusers pipeline.
+
+    `model` is the pipeline's denoising network (`pipeline.<network_name>`); it is frozen except for LoRA
+    adapters (or fully trainable when `lora.enabled` is False); the `frozen` modules (VAE, text encoders) are
+    always frozen. `denoiser` is what `log_prob` calls: the trainer may replace it with the same network wrapped
+    for distributed training (sampling and the reference model, which need no gradient synchronisation, always
+    call the bare `model`).
+
+    Subclasses set `network_name` ("unet" or "transformer") and `convert_lora_to_diffusers` (how the pipeline's
+    own training scripts save their LoRA: SD's converts peft names to diffusers', SD3's and FLUX's do not).
+    """
+
+    network_name = "unet"
+    convert_lora_to_diffusers = True
+
+    def __init__(
+        self,
+        pipeline,
+        lora: LoraOptions | None,
+        *,
+        frozen: Sequence[torch.nn.Module],
+        gradient_checkpointing: bool = False,
+        device: torch.device | str = "cpu",
+        inference_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.pipeline = pipeline
+        self.lora = lora or LoraOptions()
+        self.device = torch.device(device)
+        self.model: torch.nn.Module = getattr(pipeline, self.network_name)
+        # Dropout off everywhere (as `from_pretrained` leaves modules): a log-prob recomputed in training must
+        # equal the one recorded while sampling.
+        self.model.eval()
+        for module in frozen:
+            _place(module.eval().requires_grad_(False), self.device, inference_dtype)
+        self.model.requires_grad_(False)
+        if self.lora.enabled:
+            from peft import LoraConfig
+
+            # Frozen base weights may sit in half precision; the adapters train in fp32.
+            _place(self.model, self.device, inference_dtype)
+            config = LoraConfig(
+                r=self.lora.rank,
+                lora_alpha=self.lora.alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(self.lora.target_modules),
+            )
+            self.model.add_adapter(config)
+            for parameter in self.model.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+        else:
+            _place(self.model.requires_grad_(True), self.device, torch.float32)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.denoiser: Callable[..., object] = self.model
+
+    # ---- parameters and saving --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors by parameter name (exact fp32 copies: what a checkpoint needs to resume)."""
+        return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        parameters = dict(self.model.named_parameters())
+        missing = [name for name, p in parameters.items() if p.requires_grad and name not in state]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]!r}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                parameters[name].copy_(tensor)
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """LoRA in diffusers' format (`pipe.load_lora_weights(directory)` loads it), else the whole network
+        in `directory/<network_name>`."""
+        directory = Path(directory)
+        if self.lora.enabled:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = get_peft_model_state_dict(self.model)
+            if self.convert_lora_to_diffusers:
+                layers = convert_state_dict_to_diffusers(layers)
+            # The adapter config travels with the weights: without it, load_lora_weights assumes alpha = rank.
+            metadata = self.model.peft_config["default"].to_dict()
+            type(self.pipeline).save_lora_weights(
+                directory,
+                **{f"{self.network_name}_lora_layers": layers, f"{self.network_name}_lora_adapter_metadata": metadata},
+                safe_serialization=True,
+            )
+        else:
+            self.model.save_pretrained(directory / self.network_name, safe_serialization=True)
+
+    # ---- the reference model ----------------------------------------------------------------------------
+    @contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The base model: `model` with its LoRA adapters disabled, re-enabled on exit (even after an error).
+
+        Raises:
+            ValueError: the policy trains all weights, so there is no base model left to compare with.
+        """
+        if not self.lora.enabled:
+            raise ValueError("the reference (base) model needs LoRA (model.use_lora=true): with full fine-tuning the base weights are gone")
+        self.model.disable_adapters()
+        try:
+            yield self.model
+        finally:
+            self.model.enable_adapters()
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Sample as evaluation does. Policies whose evaluation sampler differs from the training one (the
+        flow policies' deterministic ODE) switch inside this block; the DDIM policy evaluates as it trains."""
+        yield

@@ -1,0 +1,96 @@
+"""The flow-matching policy over `FluxPipeline` (FLUX.1): a transformer over 2x2-packed latent tokens,
+conditioned on T5 states and CLIP's pooled embedding, timestep input sigma, and a resolution-dependent shift
+of the schedule. Guidance-distilled models (FLUX.1-dev, `guidance_embeds`) take the guidance scale as an input
+and need one pass per step; others get classifier-free guidance with the empty prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+
+from .base import LoraOptions
+from .flow import Conditioning, FlowMatchingPolicy, FlowSamplingOptions
+from .stable_diffusion import vae_scale_factor
+
+MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
+
+
+class FluxPolicy(FlowMatchingPolicy):
+    """Flow-GRPO / FDFO sampling and log-probs over a FLUX pipeline; LoRA on the transformer.
+
+    Latents are kept packed, (B, tokens, 4 * channels), as the transformer sees them.
+    """
+
+    network_name = "transformer"
+    convert_lora_to_diffusers = False  # diffusers' FLUX LoRA scripts save peft names as they are
+
+    def __init__(
+        self,
+        pipeline: FluxPipeline,
+        sampling: FlowSamplingOptions,
+        lora: LoraOptions | None = None,
+        *,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        **kwargs,
+    ) -> None:
+        self.max_sequence_length = max_sequence_length
+        self.vae = pipeline.vae
+        super().__init__(pipeline, sampling, lora, frozen=[self.vae, pipeline.text_encoder, pipeline.text_encoder_2], **kwargs)
+        self.guidance_embedded = bool(self.model.config.guidance_embeds)
+        height, width = self._latent_size()
+        self.image_ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, self.device, torch.float32)
+
+    def _latent_size(self) -> tuple[int, int]:
+        """Unpacked latent height and width (even, for the 2x2 packing), as `FluxPipeline.prepare_latents`."""
+        factor = vae_scale_factor(self.pipeline)
+        return 2 * (self.sampling.height // (factor * 2)), 2 * (self.sampling.width // (factor * 2))
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompts, None, device=self.device, max_sequence_length=self.max_sequence_length)
+        return Conditioning(embeds=embeds.float(), negative=embeds.float(), pooled=pooled.float())
+
+    def _schedule_kwargs(self, num_steps: int) -> dict:
+        """FluxPipeline's schedule: sigmas evenly from 1 to 1 / T, shifted by mu for the image's token count."""
+        config = self.pipeline.scheduler.config
+        kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}
+        if config.get("use_dynamic_shifting", False):
+            tokens = self.latent_shape()[0]
+            kwargs["mu"] = calculate_shift(
+                tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+            )  # fmt: skip
+        return kwargs
+
+    def _call(self, model, latents, sigmas, embeds, pooled):
+        batch = latents.shape[0]
+        guidance = torch.full((batch,), self.sampling.guidance_scale, device=latents.device, dtype=torch.float32) if self.guidance_embedded else None
+        text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        return model(
+            hidden_states=latents, timestep=sigmas.to(latents.dtype), guidance=guidance, pooled_projections=pooled,
+            encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=self.image_ids.to(latents.device, latents.dtype),
+        ).sample  # fmt: skip
+
+    def velocity(self, model, latents, sigmas, conditioning, guidance):
+        scale = self.sampling.guidance_scale
+        if guidance and not self.guidance_embedded and scale != 1.0:
+            uncond, cond = self._call(
+                model, torch.cat([latents, latents]), torch.cat([sigmas, sigmas]),
+                torch.cat([conditioning.negative, conditioning.embeds]), torch.cat([conditioning.negative_pooled, conditioning.pooled]),
+            ).chunk(2)  # fmt: skip
+            return uncond + scale * (cond - uncond)
+        return self._call(model, latents, sigmas, conditioning.embeds, conditioning.pooled)
+
+    def latent_shape(self) -> tuple[int, int]:
+        height, width = self._latent_size()
+        return ((height // 2) * (width // 2), self.model.config.in_channels)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        config = self.vae.config
+        unpacked = FluxPipeline._unpack_latents(latents, self.sampling.height, self.sampling.width, vae_scale_factor(self.pipeline))
+        images = self.vae.decode((unpacked / config.scaling_factor + config.shift_factor).to(self.vae.dtype)).sample
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")

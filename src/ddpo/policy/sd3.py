@@ -1,0 +1,70 @@
+"""The flow-matching policy over `StableDiffusion3Pipeline` (SD3, SD3.5): an MMDiT transformer conditioned on
+CLIP-L + CLIP-G + T5 states and the two CLIPs' pooled embeddings, timestep input 1000 * sigma."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from .base import LoraOptions
+from .flow import Conditioning, FlowMatchingPolicy, FlowSamplingOptions
+from .stable_diffusion import vae_scale_factor
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusion3Pipeline
+
+# T5 tokens per prompt: what Flow-GRPO and FDFO use for SD3.5 (the pipeline's default is 256).
+MAX_SEQUENCE_LENGTH = 128
+
+
+class StableDiffusion3Policy(FlowMatchingPolicy):
+    """Flow-GRPO / FDFO sampling and log-probs over an SD3 pipeline; LoRA on the transformer."""
+
+    network_name = "transformer"
+    convert_lora_to_diffusers = False  # diffusers' SD3 LoRA scripts save peft names as they are
+
+    def __init__(
+        self,
+        pipeline: "StableDiffusion3Pipeline",
+        sampling: FlowSamplingOptions,
+        lora: LoraOptions | None = None,
+        *,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        **kwargs,
+    ) -> None:
+        self.max_sequence_length = max_sequence_length
+        self.vae = pipeline.vae
+        encoders = [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
+        super().__init__(pipeline, sampling, lora, frozen=[self.vae, *[e for e in encoders if e is not None]], **kwargs)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompts, None, None, device=self.device, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length
+        )
+        return Conditioning(embeds=embeds.float(), negative=embeds.float(), pooled=pooled.float())
+
+    def velocity(self, model, latents, sigmas, conditioning, guidance):
+        timesteps = sigmas * self.pipeline.scheduler.config.num_train_timesteps
+        scale = self.sampling.guidance_scale
+        if guidance and scale != 1.0:
+            uncond, cond = model(
+                hidden_states=torch.cat([latents, latents]),
+                timestep=torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([conditioning.negative, conditioning.embeds]),
+                pooled_projections=torch.cat([conditioning.negative_pooled, conditioning.pooled]),
+            ).sample.chunk(2)
+            return uncond + scale * (cond - uncond)
+        return model(hidden_states=latents, timestep=timesteps, encoder_hidden_states=conditioning.embeds, pooled_projections=conditioning.pooled).sample
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = vae_scale_factor(self.pipeline)
+        return (self.model.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        config = self.vae.config
+        images = self.vae.decode((latents / config.scaling_factor + config.shift_factor).to(self.vae.dtype)).sample
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
