@@ -13,6 +13,8 @@ KWARGS = {
     "ddpo_sf": DDPO_KWARGS,
     "rwr": dict(temperature=0.5),
     "rwr_sparse": dict(percentile=75.0),
+    "flow_grpo": dict(clip_range=1e-4, adv_clip_max=5.0),
+    "fdfo": dict(epsilon=3e-2),
 }
 ADVANTAGES = torch.tensor([1.5, -0.5, 2.0, -3.0])
 

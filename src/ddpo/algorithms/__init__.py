@@ -4,6 +4,8 @@ from typing import Any
 
 from ddpo.algorithms.base import Algorithm, LossOutput
 from ddpo.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
+from ddpo.algorithms.fdfo import FiniteDifferenceFlowOptimization
+from ddpo.algorithms.flow_grpo import FlowGRPO
 from ddpo.algorithms.rwr import RewardWeightedRegression, SparseRewardWeightedRegression
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -11,6 +13,8 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "ddpo_sf": DDPOScoreFunction,
     "rwr": RewardWeightedRegression,
     "rwr_sparse": SparseRewardWeightedRegression,
+    "flow_grpo": FlowGRPO,
+    "fdfo": FiniteDifferenceFlowOptimization,
 }
 
 
@@ -33,6 +37,8 @@ __all__ = [
     "Algorithm",
     "DDPOImportanceSampling",
     "DDPOScoreFunction",
+    "FiniteDifferenceFlowOptimization",
+    "FlowGRPO",
     "LossOutput",
     "RewardWeightedRegression",
     "SparseRewardWeightedRegression",
