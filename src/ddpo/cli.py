@@ -96,7 +96,7 @@ def _run_config(path: str | None):
 def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = False):
     """A sampling-only policy over `model` (hub id, directory or 'shapes') with a checkpoint applied, if any;
     `native_size` samples at the size the model was trained at instead of `sampling`'s."""
-    from .policy import LoraOptions, StableDiffusionPolicy, load_pipeline, resolve_model
+    from .policy import load_pipeline, resolve_model, sampling_policy
     from .policy.stable_diffusion import native_image_size
     from .run_directory import load_checkpoint_into
 
@@ -105,7 +105,7 @@ def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = Fal
         load_checkpoint_into(pipe, checkpoint_dir)
     if native_size:
         sampling.height = sampling.width = native_image_size(pipe)
-    return StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
+    return sampling_policy(pipe, sampling)  # flow-matching models sample their ODE
 
 
 CHECKPOINT_HELP = "With a run directory: an epoch number, 'latest', 'best' (best.json), or 'auto' (best if marked, else latest)."

@@ -218,15 +218,18 @@ def resolve_adapter_dir(path: str | Path, which: str | int = "auto") -> Path:
     run = RunDirectory(path)
     if run.config_path.is_file():
         path = run.checkpoint(which)[1]
-    if not (path / "pytorch_lora_weights.safetensors").is_file() and not (path / "unet").is_dir():
-        raise RunDirectoryError(f"{path}: neither pytorch_lora_weights.safetensors nor unet/ there (not a run or a checkpoint)")
+    if not (path / "pytorch_lora_weights.safetensors").is_file() and not (path / "unet").is_dir() and not (path / "transformer").is_dir():
+        raise RunDirectoryError(f"{path}: neither pytorch_lora_weights.safetensors nor unet/ (or transformer/) there (not a run or a checkpoint)")
     return path
 
 
 def load_checkpoint_into(pipeline, checkpoint_dir: Path) -> None:
-    """Apply a checkpoint to a loaded pipeline: its LoRA (diffusers' `load_lora_weights`) or its full UNet."""
+    """Apply a checkpoint to a loaded pipeline: its LoRA (diffusers' `load_lora_weights`) or its full UNet
+    (or transformer, for SD3 and FLUX)."""
     if (checkpoint_dir / "pytorch_lora_weights.safetensors").is_file():
         pipeline.load_lora_weights(str(checkpoint_dir))
+    elif (checkpoint_dir / "transformer").is_dir():
+        pipeline.transformer = type(pipeline.transformer).from_pretrained(checkpoint_dir / "transformer")
     else:
         from diffusers import UNet2DConditionModel
 

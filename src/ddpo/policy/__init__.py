@@ -43,6 +43,13 @@ def is_flow_pipeline(pipeline) -> bool:
     return isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
 
 
+def _flow_policy_class(pipeline) -> type[FlowMatchingPolicy]:
+    from .flux import FluxPolicy
+    from .sd3 import StableDiffusion3Policy
+
+    return {"StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}.get(type(pipeline).__name__, UNetFlowPolicy)
+
+
 def policy_for_pipeline(
     pipeline, config, *, sampler: str = "sde", device: torch.device | str = "cpu", inference_dtype: torch.dtype = torch.float32, lora: LoraOptions | None = None
 ) -> DiffusersPolicy:
@@ -51,9 +58,6 @@ def policy_for_pipeline(
     `sampler` is the flow policies' training sampler ("sde", "churn" or "ode" for sampling only); the DDIM
     policy has only its own (a "churn" request for a DDIM model is refused).
     """
-    from .flux import FluxPolicy
-    from .sd3 import StableDiffusion3Policy
-
     model, sample = config.model, config.sample
     if lora is None:
         lora = LoraOptions(enabled=model.use_lora, rank=model.lora_rank, alpha=model.lora_alpha, target_modules=model.lora_target_modules)
@@ -73,8 +77,16 @@ def policy_for_pipeline(
         num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
         sampler=sampler, noise_level=sample.noise_level, churn=sample.churn, eval_num_steps=sample.eval_num_steps,
     )  # fmt: skip
-    policy_class = {"StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}.get(type(pipeline).__name__, UNetFlowPolicy)
-    return policy_class(pipeline, sampling, lora, **common)
+    return _flow_policy_class(pipeline)(pipeline, sampling, lora, **common)
+
+
+def sampling_policy(pipeline, sampling: SamplingOptions) -> DiffusersPolicy:
+    """A sampling-only policy (no LoRA of its own) over a loaded pipeline: the DDIM policy with `sampling`, or a
+    flow policy sampling the deterministic ODE with the same steps, guidance and size."""
+    if not is_flow_pipeline(pipeline):
+        return StableDiffusionPolicy(pipeline, sampling, LoraOptions(enabled=False))
+    flow = FlowSamplingOptions(num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode")
+    return _flow_policy_class(pipeline)(pipeline, flow, LoraOptions(enabled=False))
 
 
 def build_policy(config, device: torch.device | str = "cpu", inference_dtype: torch.dtype = torch.float32, *, sampler: str = "sde") -> DiffusersPolicy:
@@ -86,5 +98,5 @@ def build_policy(config, device: torch.device | str = "cpu", inference_dtype: to
 __all__ = [
     "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SamplingOptions",
     "StableDiffusionPolicy", "StepPrediction", "Trajectory", "UNetFlowPolicy", "build_policy", "is_flow_pipeline",
-    "load_pipeline", "policy_for_pipeline", "resolve_model",
+    "load_pipeline", "policy_for_pipeline", "resolve_model", "sampling_policy",
 ]  # fmt: skip
