@@ -77,11 +77,17 @@ def test_one_epoch_runs_and_saves_a_lora_the_diffusers_pipeline_loads(tiny_flow_
     assert np.abs(after.astype(float) - before.astype(float)).max() > 1e-3
 
 
-def test_the_sample_command_draws_a_flow_model_with_its_lora(tiny_flow_dirs, tmp_path):
+@pytest.fixture(scope="module")
+def flow_grpo_run(tiny_flow_dirs, tmp_path_factory):
+    run = tmp_path_factory.mktemp("flow-runs") / "flow-grpo"
+    train_one_epoch(tiny_flow_dirs["sd-flow"], run, "flow_grpo", **{"sample.eval_num_steps": 5})
+    return run
+
+
+def test_the_sample_command_draws_a_flow_model_with_its_lora(tiny_flow_dirs, flow_grpo_run, tmp_path):
     from PIL import Image
 
-    run = tmp_path / "run"
-    train_one_epoch(tiny_flow_dirs["sd-flow"], run, "flow_grpo")
+    run = flow_grpo_run
     base, tuned = tmp_path / "base.png", tmp_path / "tuned.png"
     common = ["sample", "--model", str(tiny_flow_dirs["sd-flow"]), "--prompt", "a cat", "-n", "2", "--steps", "4", "--guidance", "2"]
     assert CliRunner().invoke(main, [*common, "--out", str(base)]).exit_code == 0
@@ -89,6 +95,28 @@ def test_the_sample_command_draws_a_flow_model_with_its_lora(tiny_flow_dirs, tmp
     a, b = np.asarray(Image.open(base), dtype=float), np.asarray(Image.open(tuned), dtype=float)
     assert a.shape == b.shape == (32, 64, 3)
     assert np.abs(a - b).max() > 0
+
+
+def test_eval_scores_a_flow_run_with_its_ode_and_eval_steps(flow_grpo_run, tmp_path, monkeypatch):
+    from ddpo.policy.flow import FlowMatchingPolicy
+
+    steps_sampled = []
+    original = FlowMatchingPolicy.sample
+
+    def spy(self, prompts, generators, *args, **kwargs):
+        trajectory = original(self, prompts, generators, *args, **kwargs)
+        steps_sampled.append((self.sampling.sampler, trajectory.num_steps))
+        return trajectory
+
+    monkeypatch.setattr(FlowMatchingPolicy, "sample", spy)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", str(flow_grpo_run), "--seeds", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"base", "epoch-0001"}
+    assert set(steps_sampled) == {("ode", 5)}  # sample.eval_num_steps, deterministic
+    base, tuned = report["models"]["base"]["groups"]["all"], report["models"]["epoch-0001"]["groups"]["all"]
+    assert base["jpeg_compressibility"] != tuned["jpeg_compressibility"]
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

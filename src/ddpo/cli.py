@@ -93,9 +93,10 @@ def _run_config(path: str | None):
     return load_config(run.config_path) if run is not None else None
 
 
-def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = False):
+def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = False, flow_num_steps: int | None = None):
     """A sampling-only policy over `model` (hub id, directory or 'shapes') with a checkpoint applied, if any;
-    `native_size` samples at the size the model was trained at instead of `sampling`'s."""
+    `native_size` samples at the size the model was trained at instead of `sampling`'s. Flow-matching models
+    sample their ODE, with `flow_num_steps` steps if given."""
     from .policy import load_pipeline, resolve_model, sampling_policy
     from .policy.stable_diffusion import native_image_size
     from .run_directory import load_checkpoint_into
@@ -105,7 +106,7 @@ def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = Fal
         load_checkpoint_into(pipe, checkpoint_dir)
     if native_size:
         sampling.height = sampling.width = native_image_size(pipe)
-    return sampling_policy(pipe, sampling)  # flow-matching models sample their ODE
+    return sampling_policy(pipe, sampling, flow_num_steps=flow_num_steps)
 
 
 CHECKPOINT_HELP = "With a run directory: an epoch number, 'latest', 'best' (best.json), or 'auto' (best if marked, else latest)."
@@ -199,11 +200,12 @@ def eval_command(target: str, which: tuple[str, ...], prompts_file: str | None, 
             num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
             height=config.sample.height, width=config.sample.width, scheduler=config.sample.scheduler,
         )  # fmt: skip
+        flow_steps = config.sample.eval_num_steps or config.sample.num_steps  # flow models evaluate as the trainer does
         models = {} if no_base else {"base": None}
         models.update(checkpoints)
         results = {}
         for name, checkpoint_dir in models.items():
-            policy = _policy_for(config.model.pretrained, checkpoint_dir, sampling)
+            policy = _policy_for(config.model.pretrained, checkpoint_dir, sampling, flow_num_steps=flow_steps)
             results[name] = evaluate_policy(policy, eval_prompts, scorers, num_seeds, config.sample.batch_size)
     except _user_errors() as error:
         raise UserError(str(error)) from error
@@ -249,12 +251,14 @@ def toy() -> None:
 
 
 @toy.command("path")
-def toy_path() -> None:
+@click.option("--flow", is_flag=True, help="The flow-matching twin (model 'shapes-flow') instead of the DDIM model.")
+def toy_path(flow: bool) -> None:
     """Print the directory of the shipped Shapes pipeline."""
-    from .toyworld import shipped_pipeline_dir
+    _quiet_libraries()
+    from .policy import resolve_model
 
     try:
-        click.echo(shipped_pipeline_dir())
+        click.echo(resolve_model("shapes-flow" if flow else "shapes"))
     except FileNotFoundError as error:
         raise UserError(str(error)) from error
 

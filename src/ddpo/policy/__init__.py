@@ -80,12 +80,14 @@ def policy_for_pipeline(
     return _flow_policy_class(pipeline)(pipeline, sampling, lora, **common)
 
 
-def sampling_policy(pipeline, sampling: SamplingOptions) -> DiffusersPolicy:
+def sampling_policy(pipeline, sampling: SamplingOptions, *, flow_num_steps: int | None = None) -> DiffusersPolicy:
     """A sampling-only policy (no LoRA of its own) over a loaded pipeline: the DDIM policy with `sampling`, or a
-    flow policy sampling the deterministic ODE with the same steps, guidance and size."""
+    flow policy sampling the deterministic ODE with the same guidance and size and `flow_num_steps` steps
+    (default: `sampling.num_steps`)."""
     if not is_flow_pipeline(pipeline):
         return StableDiffusionPolicy(pipeline, sampling, LoraOptions(enabled=False))
-    flow = FlowSamplingOptions(num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode")
+    steps = flow_num_steps or sampling.num_steps
+    flow = FlowSamplingOptions(num_steps=steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode")
     return _flow_policy_class(pipeline)(pipeline, flow, LoraOptions(enabled=False))
 
 
