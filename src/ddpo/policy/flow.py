@@ -99,6 +99,7 @@ class FlowMatchingPolicy(DiffusersPolicy):
         self.train_cfg = train_cfg
         self._evaluating = False
         self._negative: Conditioning | None = None
+        self._schedules: dict[int, torch.Tensor] = {}
         super().__init__(pipeline, lora, frozen=frozen, gradient_checkpointing=gradient_checkpointing, device=device, inference_dtype=inference_dtype)
 
     # ---- what subclasses provide ------------------------------------------------------------------------
@@ -123,9 +124,11 @@ class FlowMatchingPolicy(DiffusersPolicy):
     # ---- schedule and conditioning ----------------------------------------------------------------------
     def schedule(self, num_steps: int) -> torch.Tensor:
         """The num_steps + 1 noise levels sigma (from 1 down to 0) of the pipeline's own scheduler, fp32 on CPU."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
-        scheduler.set_timesteps(**self._schedule_kwargs(num_steps))
-        return scheduler.sigmas.float().cpu()
+        if num_steps not in self._schedules:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+            scheduler.set_timesteps(**self._schedule_kwargs(num_steps))
+            self._schedules[num_steps] = scheduler.sigmas.float().cpu()
+        return self._schedules[num_steps]
 
     @torch.no_grad()
     def conditioning(self, prompts: list[str]) -> Conditioning:
