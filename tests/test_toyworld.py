@@ -68,12 +68,15 @@ def test_rendering_is_deterministic_and_has_a_64_pixel_option():
 
 
 def test_unusual_pairs_are_split_and_rare_in_pretraining():
+    from ddpo.toyworld.pretrain import PretrainConfig, Pretrainer
+
     assert not set(UNUSUAL_TRAIN) & set(UNUSUAL_HELDOUT)
     assert not set(UNUSUAL) & set(COMMON)
-    rng = random.Random(0)
-    scenes = [random_scene(rng) for _ in range(20_000)]
-    unusual = np.mean([(s.color, s.shape) in UNUSUAL for s in scenes])
-    assert unusual <= 0.01 and abs(unusual - UNUSUAL_PRETRAIN_FRACTION) < 0.002
+    assert PretrainConfig().unusual_fraction == UNUSUAL_PRETRAIN_FRACTION
+    pretrainer = Pretrainer.__new__(Pretrainer)  # only its scene list, no work directory
+    pretrainer.config = PretrainConfig(dataset_size=20_000)
+    share = np.mean([(s.color, s.shape) in UNUSUAL for s in pretrainer.scenes()])
+    assert 0 < share <= 0.01 and abs(share - UNUSUAL_PRETRAIN_FRACTION) < 0.002
     # Each shape has its home colours in pretraining; the RL halves use none of them.
     assert {shape for _, shape in UNUSUAL_TRAIN} == {shape for _, shape in UNUSUAL_HELDOUT} == set(SHAPES)
 

@@ -6,8 +6,8 @@ what it drew, recognisers trained on it (the describer and the judge) can be tra
 accuracy, and a generated image can be scored against its prompt without human labels.
 
 The "unusual" colour-shape pairs are the miniature of the paper's "animals doing human activities": they
-are rare in pretraining (together at most `UNUSUAL_PRETRAIN_FRACTION` of the images) and go against its
-colour-shape correlations, so the pretrained model draws them poorly; RL on half of them is measured on the
+are rare in pretraining (together `UNUSUAL_PRETRAIN_FRACTION` of the images) and go against its colour-shape
+correlations, so the pretrained model draws them poorly but not never; RL on half of them is measured on the
 other, held-out half.
 """
 
@@ -34,10 +34,12 @@ COUNTS: tuple[int, ...] = (1, 2, 3)
 
 # Pretraining is biased the way web data is: each shape comes in two "home" colours (circles are red or cyan,
 # crosses yellow or magenta, ...), so colour and shape words are strongly correlated. Every other pair is
-# "unusual": rare in pretraining (together at most `UNUSUAL_PRETRAIN_FRACTION` of the images). A first
-# pretraining run with unusual pairs spread evenly over the grid showed the UNet generalising to them almost
-# perfectly; under this correlation, "a red triangle" pulls towards red circles and blue triangles, which is
-# the miniature of the paper's "a dog riding a bike".
+# "unusual" and rare in pretraining. Measured history (docs/shapes-world.md): unusual pairs spread evenly
+# over the grid were generalised to almost perfectly; under this correlation with unusual pairs at 0.8% of
+# the images, 2,400 UNet steps still reached 98-100% on them; with them absent, a model stopped at 600 steps
+# never drew some of them at all (16/16 "a red circle" for "a red triangle" at any CFG), which leaves RL no
+# success to reinforce. Hence rare, and the shipped model stops at 600 of a 1,000-step schedule. Under the
+# correlation, "a red triangle" pulls towards red circles: the miniature of the paper's "a dog riding a bike".
 COMMON: tuple[tuple[str, str], ...] = (
     ("red", "circle"), ("cyan", "circle"),
     ("green", "square"), ("magenta", "square"),
@@ -109,7 +111,7 @@ def vocabulary() -> list[str]:
 
 
 def random_scene(rng: random.Random, unusual_fraction: float = UNUSUAL_PRETRAIN_FRACTION) -> Scene:
-    """A scene from the pretraining distribution: common pairs uniformly, unusual ones rarely."""
+    """A scene from the pretraining distribution: common pairs uniformly, unusual ones with probability `unusual_fraction`."""
     pairs = UNUSUAL if rng.random() < unusual_fraction else COMMON
     color, shape = rng.choice(pairs)
     return Scene(rng.choice(COUNTS), color, shape)
