@@ -20,6 +20,21 @@ from ddpo.core import (
 )
 
 
+def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> LossOutput:
+    """PPO's clipped importance-sampled surrogate over (b,) per-step log-probs, with its diagnostics
+    (shared by DDPO-IS and Flow-GRPO, which differ only in how they sample and normalise advantages)."""
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    loss = ppo_clip_loss(advantages, ratio, clip_range)
+    metrics = {
+        "loss": loss.detach(),
+        "approx_kl": approx_kl(log_ratio.detach()),
+        "clipfrac": clip_fraction(ratio.detach(), clip_range),
+        "ratio_mean": ratio.detach().mean(),
+    }
+    return LossOutput(loss=loss, metrics=metrics)
+
+
 class _DDPOAdvantages(GaussianStepAlgorithm):
     """Advantages shared by both estimators: per-prompt or global normalisation, then clipping."""
 
@@ -83,16 +98,7 @@ class DDPOImportanceSampling(_DDPOAdvantages):
 
     def loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor) -> LossOutput:
         """(b,) log-probs and advantages -> clipped surrogate loss and PPO diagnostics."""
-        log_ratio = log_prob - old_log_prob
-        ratio = torch.exp(log_ratio)
-        loss = ppo_clip_loss(advantages, ratio, self.clip_range)
-        metrics = {
-            "loss": loss.detach(),
-            "approx_kl": approx_kl(log_ratio.detach()),
-            "clipfrac": clip_fraction(ratio.detach(), self.clip_range),
-            "ratio_mean": ratio.detach().mean(),
-        }
-        return LossOutput(loss=loss, metrics=metrics)
+        return clipped_surrogate(log_prob, old_log_prob, advantages, self.clip_range)
 
 
 class DDPOScoreFunction(_DDPOAdvantages):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ddpo.algorithms.base import GaussianStepAlgorithm, LossOutput
-from ddpo.core import approx_kl, clip_advantages, clip_fraction, group_normalize, ppo_clip_loss
+from ddpo.algorithms.ddpo import clipped_surrogate
+from ddpo.core import clip_advantages, group_normalize
 
 
 class FlowGRPO(GaussianStepAlgorithm):
@@ -54,16 +54,7 @@ class FlowGRPO(GaussianStepAlgorithm):
 
     def loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor) -> LossOutput:
         """(b,) SDE log-probs and advantages -> clipped surrogate loss and PPO diagnostics."""
-        log_ratio = log_prob - old_log_prob
-        ratio = torch.exp(log_ratio)
-        loss = ppo_clip_loss(advantages, ratio, self.clip_range)
-        metrics = {
-            "loss": loss.detach(),
-            "approx_kl": approx_kl(log_ratio.detach()),
-            "clipfrac": clip_fraction(ratio.detach(), self.clip_range),
-            "ratio_mean": ratio.detach().mean(),
-        }
-        return LossOutput(loss=loss, metrics=metrics)
+        return clipped_surrogate(log_prob, old_log_prob, advantages, self.clip_range)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

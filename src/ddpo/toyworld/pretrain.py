@@ -116,6 +116,14 @@ def _loss_ends(stage: str, losses: list[float], window: int = 20) -> dict[str, f
     return {f"{stage}_loss_start": float(np.mean(losses[:window])), f"{stage}_loss_end": float(np.mean(losses[-window:]))}
 
 
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, max_decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, with the decay warmed up as (1 + step) / (10 + step)."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.lerp_(p, 1 - decay)
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -294,11 +302,8 @@ class Pretrainer:
             optimizer.step()
             schedule.step()
             step += 1
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for name, model in (("unet", unet), ("text_encoder", text_encoder)):
-                    for ema_p, p in zip(ema[name].parameters(), model.parameters()):
-                        ema_p.lerp_(p, 1 - decay)
+            for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+                _ema_update(ema[name], model, step, cfg.ema_decay)
             if step % 50 == 0:
                 rate = (time.time() - started) / 50
                 started = time.time()
@@ -415,10 +420,7 @@ class Pretrainer:
             optimizer.step()
             schedule.step()
             step += 1
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for ema_p, p in zip(ema.parameters(), unet.parameters()):
-                    ema_p.lerp_(p, 1 - decay)
+            _ema_update(ema, unet, step, cfg.ema_decay)
             if step % 50 == 0:
                 rate = (time.time() - started) / 50
                 started = time.time()
