@@ -46,6 +46,14 @@ def raising_reward(images, prompts, metadata):
     raise ValueError("the scorer is offline")
 
 
+def raising_on_rank_one(images, prompts, metadata):
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise ValueError("the rank 1 scorer is offline")
+    return [0.0] * len(images)
+
+
 # The held-out scorer of the early-stopping test: evaluation k (0 = before training) scores every image
 # HELDOUT_SCHEDULE[k], so the test knows which epoch is the held-out best.
 HELDOUT_SCHEDULE: list[float] = []

@@ -103,3 +103,29 @@ def test_fp16_without_a_gpu_is_refused_in_one_line(tiny_pipeline_dir, tmp_path):
     result = run([*cli_args(tiny_pipeline_dir, out), "--set", 'model.mixed_precision="fp16"'])
     assert_one_line_error(result, "model.mixed_precision='fp16' needs a CUDA GPU")
     assert not out.exists()
+
+
+def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ddpo.algorithms.ddpo import DDPOImportanceSampling
+
+    original = DDPOImportanceSampling.loss
+    calls = []
+
+    def loss_nan_in_epoch_two(self, log_prob, old_log_prob, advantages):
+        output = original(self, log_prob, old_log_prob, advantages)
+        calls.append(1)
+        if len(calls) > 12:  # epoch 1 trains 8 samples x 6 steps in 2 minibatches, 12 calls; then NaN
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(DDPOImportanceSampling, "loss", loss_nan_in_epoch_two)
+    out = tmp_path / "run"
+    result = run(cli_args(tiny_pipeline_dir, out, **{"train.timestep_fraction": 1.0, "train.timestep_chunk": 1}))
+    assert_one_line_error(result, "epoch 2", "ddpo_is loss is nan", "before it reaches the weights")
+    # Epoch 1 is kept whole; epoch 2 never wrote a checkpoint or a metrics line.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    weights = load_file(out / "checkpoints" / "epoch-0001" / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())

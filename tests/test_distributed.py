@@ -15,14 +15,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+
+
+def accelerate_launch(num_processes: int, port: int = 29533) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+
+
 def launch(num_processes: int, model_dir, prompt_file, out: Path, batch_size: int) -> None:
     out.mkdir(parents=True)
-    if num_processes > 1:
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]  # fmt: skip
-    else:
-        prefix = [sys.executable]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    prefix = accelerate_launch(num_processes) if num_processes > 1 else [sys.executable]
+    env = ENV
     result = subprocess.run([*prefix, str(WORKER), str(model_dir), str(prompt_file), str(out), str(batch_size)],
                             env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -62,3 +66,16 @@ def test_advantages_are_normalised_over_the_gathered_global_batch(runs):
     for key in (k for k in one if k.startswith("1/")):
         assert two[key]["prompt"] == one[key]["prompt"]
         assert abs(two[key]["advantage"] - one[key]["advantage"]) < 1e-5, key
+
+
+def test_a_reward_failing_on_one_rank_stops_both_instead_of_hanging(tiny_pipeline_dir, tmp_path):
+    from helpers import cli_args
+
+    out = tmp_path / "run"
+    args = cli_args(tiny_pipeline_dir, out, **{"sample.num_steps": 2, "sample.batch_size": 2, "train.batch_size": 2, "reward.name": '"helpers:raising_on_rank_one"'})
+    # Without agreement, rank 0 would wait in the reward gather until the timeout.
+    result = subprocess.run([*accelerate_launch(2, port=29534), "-m", "ddpo.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "helpers:raising_on_rank_one" in result.stderr and "rank 1 scorer is offline" in result.stderr
+    assert "failed on another process" in result.stderr  # rank 0's own message
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())

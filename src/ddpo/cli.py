@@ -30,7 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .rewards import RewardError
     from .run_directory import RunDirectoryError
 
-    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError)
+    # FloatingPointError: training stopped on a non-finite loss before the update reached the weights.
+    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError, FloatingPointError)
 
 
 def _quiet_libraries() -> None:

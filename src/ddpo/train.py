@@ -32,7 +32,7 @@ from .config import Config, ConfigError, config_to_dict, derived_batch_sizes, sa
 from .monitor import EARLY_STOP_METRIC, Monitor, tracker_metrics
 from .policy import DiffusersPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
-from .rewards import RewardOutput, build_reward_from_config
+from .rewards import RewardError, RewardOutput, build_reward_from_config
 from .run_directory import TRAINER_STATE, RunDirectory, append_jsonl, epoch_name, read_jsonl, write_text_atomic
 from .utils import derive_seed, generators_for, image_grid
 
@@ -180,7 +180,16 @@ class Trainer:
             trajectories.append(trajectory)
             all_indices += indices
         sampled = time.perf_counter()
-        outputs: list[RewardOutput] = [f.result() for f in futures]
+        try:
+            outputs: list[RewardOutput] = [f.result() for f in futures]
+            error = None
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once every process knows
+            error = exc
+        # A reward that fails on one process must stop all of them: the others would wait forever in the gather.
+        if self._any_process(error is not None):
+            if error is not None:
+                raise error
+            raise RewardError(f"reward {self.reward.name!r} failed on another process (its message names the prompt); stopping this one too")
         waited = time.perf_counter() - sampled
         info = _merge_info([o.info for o in outputs])
         device = self.accelerator.device
@@ -244,8 +253,10 @@ class Trainer:
                             kl = self.algorithm.kl_to_reference(prediction).mean()
                             loss = loss + kl_weight * kl
                             output.metrics["kl_to_reference"] = kl.detach()
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss is {loss.item()}; stopping before it reaches the weights")
+                        finite = bool(torch.isfinite(loss.detach()))
+                        if self._any_process(not finite):  # every process stops, or the others hang in backward
+                            value = f"is {loss.item()}" if not finite else "is not finite on another process"
+                            raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss {value}; stopping before it reaches the weights")
                         self.accelerator.backward(loss * width / micro_steps_per_optimizer_step)
                     for name, value in output.metrics.items():
                         totals.setdefault(name, []).extend([value.detach().float()] * width)
@@ -273,6 +284,13 @@ class Trainer:
             diversity = f"  diversity {record['diversity']:.4f}" if "diversity" in record else ""
             self.accelerator.print(f"eval {epoch}: reward {record['train_reward']:.4f}{heldout}{kl}{diversity}  ({record['seconds']:.1f}s)")
         return self._agree(new_best)
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any of them (a collective: every process must call it)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        flags = self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device))
+        return bool(flags.sum() > 0)
 
     def _agree(self, flag: bool) -> bool:
         """The main process's decision, on every process."""
