@@ -1,7 +1,7 @@
 """Rewards: `reward(images, prompts, metadata) -> RewardOutput`, registered by name or given as
 `"package.module:function"`. Importing this package registers the built-in rewards."""
 
-from ddpo.rewards import jpeg
+from ddpo.rewards import clip, jpeg, vlm
 from ddpo.rewards.base import (
     CheckedReward,
     Reward,
@@ -28,7 +28,9 @@ __all__ = [
     "build_reward_from_config",
     "check_reward",
     "checked_reward",
+    "clip",
     "jpeg",
     "register_reward",
     "score",
+    "vlm",
 ]
