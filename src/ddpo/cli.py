@@ -246,6 +246,43 @@ def report(run_dir: str) -> None:
     click.echo(path)
 
 
+@main.command("serve-reward")
+@click.option("--reward", "reward_name", required=True, metavar="NAME", help="Registered reward name or 'package.module:function'.")
+@click.option("--kwargs", "reward_kwargs", default="{}", metavar="JSON", help='Keyword arguments of the reward, a JSON object, e.g. \'{"model": "DIR"}\'.')
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback should come with --token.")
+@click.option("--port", default=8765, type=int, show_default=True)
+@click.option("--token", envvar="DDPO_REWARD_TOKEN", help="Bearer token every /score request must carry (default: $DDPO_REWARD_TOKEN).")
+@click.option("--max-batch", default=64, type=click.IntRange(min=1), show_default=True, help="Most images per reward call.")
+@click.option("--max-request-images", default=256, type=click.IntRange(min=1), show_default=True, help="Most images per request.")
+@click.option("--max-body-mb", default=64.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Largest request body.")
+def serve_reward(reward_name: str, reward_kwargs: str, host: str, port: int, token: str | None, max_batch: int, max_request_images: int, max_body_mb: float) -> None:
+    """Serve a reward over HTTP (POST /score, GET /health), batching concurrent requests."""
+    import json
+
+    _quiet_libraries()
+    try:
+        from .server.reward_server import ServerLimits, serve
+    except ImportError as error:
+        raise UserError(f"the reward server needs FastAPI and uvicorn: pip install 'ddpo[server]' ({error})") from error
+    from .rewards import build_reward
+
+    try:
+        kwargs = json.loads(reward_kwargs)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--kwargs is not JSON: {error}") from error
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--kwargs must be a JSON object, got {reward_kwargs!r}")
+    try:
+        reward = build_reward(reward_name, **kwargs)
+    except (ValueError, *_user_errors()) as error:
+        raise UserError(str(error)) from error
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        click.echo(f"ddpo: warning: serving on {host} without --token: anyone who can reach it can use the reward", err=True)
+    limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_request_images=max_request_images, max_batch_images=max_batch)
+    click.echo(f"serving reward {reward.name!r} on http://{host}:{port} (POST /score, GET /health)", err=True)
+    serve(reward, host=host, port=port, token=token, limits=limits)
+
+
 @main.group()
 def toy() -> None:
     """The Shapes world: the shipped tiny model, its pretraining and evaluation."""

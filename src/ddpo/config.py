@@ -180,7 +180,10 @@ class RewardConfig:
     terms: list[dict] = field(default_factory=list)
     """Weighted sum of rewards, tables {name = ..., weight = ..., kwargs = {...}}; used when non-empty."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments of the `name` reward's factory."""
+    """Keyword arguments of the `name` reward's factory (with `url`: of the `remote` reward: timeout, retries, ...)."""
+    url: str = ""
+    """Reward server (`ddpo serve-reward`) to score with, e.g. "http://127.0.0.1:8765"; it must serve `name`
+    ("remote": whatever it serves). Bearer token from the environment variable DDPO_REWARD_TOKEN."""
 
 
 @dataclass
@@ -604,7 +607,7 @@ def heldout_reward_name(config: Config) -> str | None:
 
 def _check_reward_name(key: str, name: str, kwargs: dict) -> None:
     """`key` is where the name sits (`reward` or `reward.terms[i]`); its kwargs sit beside it."""
-    for checked_key, checked_kwargs in ((f"{key}.name", {}), (f"{key}.kwargs", kwargs)):
+    for checked_key, checked_kwargs in ((f"{key}.name", None), (f"{key}.kwargs", kwargs)):
         try:
             check_reward(name, checked_kwargs)
         except ValueError as error:
@@ -612,6 +615,10 @@ def _check_reward_name(key: str, name: str, kwargs: dict) -> None:
 
 
 def _check_reward(reward: RewardConfig) -> None:
+    if reward.url:
+        _check(not reward.terms, "reward.url serves one reward; for a weighted sum give a term name='remote' and kwargs.url")
+        _check_reward_name("reward", "remote", {"url": reward.url, **reward.kwargs})
+        return
     if not reward.terms:
         _check_reward_name("reward", reward.name, reward.kwargs)
         return

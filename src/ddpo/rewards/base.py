@@ -146,9 +146,10 @@ def _import_reference(reference: str) -> Callable[..., Any]:
     return target
 
 
-def check_reward(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Check, without building anything, that `name` is registered and its factory accepts `kwargs`; a
-    `"package.module:function"` reference is only checked for its form (importing it may be expensive).
+def check_reward(name: str, kwargs: Mapping[str, Any] | None) -> None:
+    """Check, without building anything, that `name` is registered and its factory accepts `kwargs` (None:
+    check the name only); a `"package.module:function"` reference is only checked for its form (importing it
+    may be expensive).
 
     Raises:
         ValueError: unknown name (with the nearest registered one), malformed reference, or keyword
@@ -167,6 +168,8 @@ def check_reward(name: str, kwargs: Mapping[str, Any]) -> None:
         close = difflib.get_close_matches(name, _FACTORIES, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"registered: {', '.join(sorted(_FACTORIES))}"
         raise ValueError(f"unknown reward {name!r} ({hint}); or give 'package.module:function'")
+    if kwargs is None:
+        return
     try:
         inspect.signature(_FACTORIES[name]).bind(**kwargs)
     except TypeError as error:
@@ -205,7 +208,15 @@ class WeightedSum:
 
 def build_reward_from_config(reward_config: Any) -> CheckedReward:
     """The reward of a `RewardConfig` (`ddpo.config`): `reward.name` built with `reward.kwargs`, or, when
-    `reward.terms` is non-empty, the weighted sum of its terms, each `{name, weight, kwargs?}`."""
+    `reward.terms` is non-empty, the weighted sum of its terms, each `{name, weight, kwargs?}`; or, when
+    `reward.url` is set, the reward server there (reward `remote` with `reward.kwargs`), which must be serving
+    `reward.name` (any reward when the name is "remote")."""
+    url = getattr(reward_config, "url", "")
+    if url:
+        if reward_config.terms:
+            raise ValueError("reward.url serves one reward; for a weighted sum give a term name='remote' and kwargs.url")
+        expect = None if reward_config.name == "remote" else reward_config.name
+        return checked_reward(reward_config.name, build_reward("remote", url=url, expect=expect, **reward_config.kwargs))
     if not reward_config.terms:
         return build_reward(reward_config.name, **reward_config.kwargs)
     terms: list[tuple[CheckedReward, float]] = []

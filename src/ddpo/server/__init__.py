@@ -1,0 +1,1 @@
+"""HTTP servers: the reward server (`ddpo serve-reward`, `reward_server.py`, wire format in `protocol.py`)."""

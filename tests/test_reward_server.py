@@ -1,0 +1,231 @@
+"""The reward server on loopback: same scores as in process, concurrent requests batched, bad requests
+refused with a message while it keeps serving; the `remote` reward's retries and failures."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the reward server needs ddpo[server]")
+pytest.importorskip("uvicorn", reason="the reward server needs ddpo[server]")
+
+import reward_server_helpers as helpers  # noqa: E402
+from reward_server_helpers import running_server  # noqa: E402
+
+from ddpo.rewards import RewardError, build_reward, checked_reward  # noqa: E402
+from ddpo.rewards.remote import RemoteRewardError  # noqa: E402
+from ddpo.server.protocol import encode_png, encode_request  # noqa: E402
+from ddpo.server.reward_server import ServerLimits  # noqa: E402
+
+
+def noise_images(count: int, seed: int = 0, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def post(url: str, body: bytes, content_type: str = "application/json", token: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": content_type}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url + "/score", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=10) as response:
+        assert response.status == 200
+        return json.loads(response.read())
+
+
+def test_served_scores_equal_the_in_process_reward():
+    reward = build_reward("jpeg_compressibility")
+    images, prompts = noise_images(3) + [Image.new("RGB", (32, 32), (200, 30, 30))], ["a", "b", "c", "d"]
+    expected = reward(images, prompts, [{}] * 4).scores
+    with running_server(reward) as (url, _):
+        assert health(url)["reward"] == "jpeg_compressibility"
+        served = build_reward("remote", url=url, expect="jpeg_compressibility")(images, prompts, [{}] * 4).scores
+    assert served.dtype == np.float32
+    np.testing.assert_array_equal(served, expected)  # PNG is lossless and float32 survives JSON exactly
+
+
+def test_served_model_reward_equals_in_process(tmp_path):
+    from ddpo.rewards.tiny import save_tiny_clip
+
+    reward = build_reward("clip_score", model=str(save_tiny_clip(tmp_path / "clip")), device="cpu")
+    images, prompts = noise_images(4, seed=1), ["a red circle", "a cat", "two dogs playing chess", "a cat"]
+    with running_server(reward) as (url, _):
+        served = build_reward("remote", url=url)(images, prompts, [{}] * 4).scores
+    np.testing.assert_array_equal(served, reward(images, prompts, [{}] * 4).scores)
+
+
+def test_32_concurrent_clients_are_batched_and_each_gets_its_own_scores():
+    helpers.SLOW_CALLS.clear()
+    reward = checked_reward("slow_mean_pixel", helpers.slow_mean_pixel)
+    clients = 32
+    requests = [(noise_images(2, seed=client), [{"offset": client}, {"offset": client}]) for client in range(clients)]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+    with running_server(reward) as (url, _):
+        remote = build_reward("remote", url=url)
+        barrier = threading.Barrier(clients)
+
+        def client(index: int) -> None:
+            images, metadata = requests[index]
+            barrier.wait()
+            try:
+                results[index] = remote(images, ["a", "b"], metadata).scores
+            except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+                errors.append(error)
+
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        stats = health(url)["stats"]
+    assert not errors, errors[0]
+    for index, (images, metadata) in enumerate(requests):
+        np.testing.assert_allclose(results[index], helpers.mean_pixel(images, ["a", "b"], metadata), rtol=1e-6)
+    assert stats["requests"] == clients and stats["images"] == 2 * clients
+    assert stats["reward_calls"] == len(helpers.SLOW_CALLS) < clients  # fewer model calls than requests
+    assert stats["largest_batch"] == max(helpers.SLOW_CALLS) > 2
+    print(f"32 clients x 2 images: {stats['reward_calls']} reward calls, largest batch {stats['largest_batch']} images")
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving():
+    reward = checked_reward("mean_pixel", helpers.mean_pixel)
+    limits = ServerLimits(max_body_bytes=200_000, max_request_images=4)
+    good = encode_request(noise_images(2), ["a", "b"], [{}, {}])
+    png = base64.b64decode(encode_png(noise_images(1)[0]))
+    truncated = base64.b64encode(png[: len(png) // 2]).decode()
+    jpeg = io.BytesIO()
+    noise_images(1)[0].save(jpeg, format="JPEG")
+
+    def body(images, prompts) -> bytes:
+        return json.dumps({"images": images, "prompts": prompts}).encode()
+
+    cases = {
+        "garbage PNG": (body([base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()], ["a"]), "application/json", "t", 400, "images[0] is not a readable PNG"),
+        "truncated PNG": (body([truncated], ["a"]), "application/json", "t", 400, "images[0] is not a readable PNG"),
+        "not base64": (body(["%%%"], ["a"]), "application/json", "t", 400, "images[0] is not valid base64"),
+        "a JPEG": (body([base64.b64encode(jpeg.getvalue()).decode()], ["a"]), "application/json", "t", 400, "images[0] is not a PNG"),
+        "not JSON": (b"{images: [", "application/json", "t", 400, "the body is not valid JSON"),
+        "wrong content type": (good, "text/plain", "t", 415, "content type 'text/plain' is not supported: send application/json"),
+        "pickle content type": (good, "application/python-pickle", "t", 415, "is not supported"),
+        "oversize body": (body([encode_png(noise_images(1, size=256)[0])] * 4, ["a"] * 4), "application/json", "t", 413, "over the server's limit of 200000"),
+        "too many images": (body([encode_png(noise_images(1, size=8)[0])] * 5, ["a"] * 5), "application/json", "t", 413, "over the server's limit of 4 per request"),
+        "missing token": (good, "application/json", None, 401, "missing Authorization header"),
+        "wrong token": (good, "application/json", "nope", 401, "wrong bearer token"),
+        "wrong-length prompts": (body(json.loads(good)["images"], ["a"]), "application/json", "t", 400, "got 2 images, 1 prompts and 2 metadata entries"),
+        "prompts not strings": (body(json.loads(good)["images"], ["a", 3]), "application/json", "t", 400, "'prompts' must be a list of strings"),
+        "no images": (body([], []), "application/json", "t", 400, "the request has no images"),
+    }
+    with running_server(reward, token="t", limits=limits) as (url, _):
+        for case, (data, content_type, token, status, message) in cases.items():
+            got_status, answer = post(url, data, content_type, token)
+            assert (got_status, case) == (status, case), answer
+            assert message in answer["detail"], (case, answer)
+            assert "\n" not in answer["detail"]
+            ok_status, ok = post(url, good, token="t")  # still serving
+            assert ok_status == 200 and len(ok["scores"]) == 2, case
+        stats = health(url)["stats"]
+    assert stats["refused"] == len(cases) and stats["requests"] == len(cases)
+
+
+def test_a_failing_request_fails_alone_in_its_batch():
+    reward = checked_reward("fails_on_boom", helpers.fails_on_boom)
+    answers: dict[str, tuple[int, dict]] = {}
+    with running_server(reward, limits=ServerLimits(batch_wait_seconds=0.2)) as (url, _):
+        def client(prompt: str) -> None:
+            answers[prompt] = post(url, encode_request(noise_images(1), [prompt], [{}]))
+
+        threads = [threading.Thread(target=client, args=(prompt,)) for prompt in ("fine", "boom", "also fine")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert answers["fine"][0] == answers["also fine"][0] == 200
+    status, answer = answers["boom"]
+    assert status == 500
+    assert answer["detail"] == "RewardError: reward 'fails_on_boom' raised ValueError: cannot score 'boom' on prompt 'boom'"
+
+
+def test_remote_retries_with_backoff_then_names_the_server_and_why():
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from ddpo.rewards.remote import RemoteReward
+
+    remote = checked_reward("remote", RemoteReward(f"http://127.0.0.1:{port}", retries=2, backoff=0.1))
+    started = time.monotonic()
+    with pytest.raises(RewardError) as error:
+        remote(noise_images(1), ["a cat"], [{}])
+    assert time.monotonic() - started >= 0.3  # waited 0.1 + 0.2 s between the 3 attempts
+    message = str(error.value)
+    assert message.startswith(f"reward 'remote' raised RemoteRewardError: reward server http://127.0.0.1:{port} failed 3 attempts")
+    assert "ConnectionRefusedError" in message and message.endswith("on prompt 'a cat'")
+
+
+def test_remote_does_not_retry_a_refusal_and_passes_on_the_servers_message():
+    reward = checked_reward("mean_pixel", helpers.mean_pixel)
+    with running_server(reward, token="right") as (url, _):
+        from ddpo.rewards.remote import RemoteReward
+
+        started = time.monotonic()
+        with pytest.raises(RemoteRewardError, match=rf"^reward server {url} refused the batch \(HTTP 401: wrong bearer token\)$"):
+            RemoteReward(url, token="wrong", retries=3, backoff=5.0)(noise_images(1), ["a"], [{}])
+        assert time.monotonic() - started < 5  # no backoff for a refusal
+        scores = RemoteReward(url + "/score", token="right")(noise_images(1), ["a"], [{}]).scores
+        assert scores.shape == (1,)
+
+
+def test_remote_checks_the_served_reward_at_build():
+    with running_server(checked_reward("mean_pixel", helpers.mean_pixel)) as (url, _):
+        with pytest.raises(RemoteRewardError, match=rf"reward server {url} serves 'mean_pixel', not 'aesthetic'"):
+            build_reward("remote", url=url, expect="aesthetic")
+    with pytest.raises(RemoteRewardError, match=rf"reward server {url} is not answering /health: .*ConnectionRefusedError"):
+        build_reward("remote", url=url)
+
+
+def test_reward_url_in_the_config():
+    from ddpo.config import ConfigError, load_config
+    from ddpo.rewards import build_reward_from_config
+
+    with running_server(checked_reward("mean_pixel", helpers.mean_pixel)) as (url, _):
+        config = load_config("shapes/default", [f'reward.url="{url}"', 'reward.name="remote"', "reward.kwargs={retries = 1}"])
+        reward = build_reward_from_config(config.reward)
+        assert reward.reward.retries == 1
+        np.testing.assert_allclose(reward(noise_images(1), ["a"], [{}]).scores, helpers.mean_pixel(noise_images(1), ["a"], [{}]), rtol=1e-6)
+        with pytest.raises(RemoteRewardError, match="serves 'mean_pixel', not 'shapes_alignment'"):
+            build_reward_from_config(load_config("shapes/default", [f'reward.url="{url}"']).reward)
+    with pytest.raises(ConfigError, match="reward.url serves one reward"):
+        load_config("shapes/default", ['reward.url="http://x"', 'reward.terms=[{name="jpeg_compressibility", weight=1.0}]'])
+    with pytest.raises(ConfigError, match="reward.kwargs: .*'remote' does not accept"):
+        load_config("shapes/default", ['reward.url="http://x"', "reward.kwargs={model='m'}"])
+
+
+def test_serve_reward_cli_refuses_bad_input_in_one_line():
+    from click.testing import CliRunner
+
+    from ddpo.cli import main
+
+    result = CliRunner().invoke(main, ["serve-reward", "--reward", "jpeg_compressability"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] .startswith("ddpo: error: unknown reward 'jpeg_compressability' (did you mean 'jpeg_compressibility'?)")
+    result = CliRunner().invoke(main, ["serve-reward", "--reward", "jpeg_compressibility", "--kwargs", "[1]"])
+    assert result.exit_code == 2 and "--kwargs must be a JSON object" in result.output
