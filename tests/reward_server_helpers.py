@@ -41,8 +41,12 @@ def running_server(reward, token: str | None = None, limits=None) -> Iterator[tu
 
 
 def mean_pixel(images, prompts, metadata):
-    """Each image's mean pixel value / 255 plus its metadata's "offset": checks that each request gets its own."""
-    return [float(np.asarray(image).mean()) / 255 + float(entry.get("offset", 0)) for image, entry in zip(images, metadata)]
+    """Each image's mean pixel value / 255 plus its metadata's "offset" (so that a test sees each request get
+    its own scores), with info: per-image `doubled` scores and the batch's `batch_size`."""
+    from ddpo.rewards import RewardOutput
+
+    scores = np.array([np.asarray(image).mean() / 255 + entry.get("offset", 0) for image, entry in zip(images, metadata)], dtype=np.float32)
+    return RewardOutput(scores, {"doubled": 2 * scores, "batch_size": len(images)})
 
 
 SLOW_CALLS: list[int] = []

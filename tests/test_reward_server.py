@@ -77,6 +77,7 @@ def test_32_concurrent_clients_are_batched_and_each_gets_its_own_scores():
     clients = 32
     requests = [(noise_images(2, seed=client), [{"offset": client}, {"offset": client}]) for client in range(clients)]
     results: dict[int, np.ndarray] = {}
+    infos: dict[int, dict] = {}
     errors: list[BaseException] = []
     with running_server(reward) as (url, _):
         remote = build_reward("remote", url=url)
@@ -86,7 +87,9 @@ def test_32_concurrent_clients_are_batched_and_each_gets_its_own_scores():
             images, metadata = requests[index]
             barrier.wait()
             try:
-                results[index] = remote(images, ["a", "b"], metadata).scores
+                output = remote(images, ["a", "b"], metadata)
+                results[index] = output.scores
+                infos[index] = output.info
             except BaseException as error:  # noqa: BLE001 - reported by the assertion below
                 errors.append(error)
 
@@ -98,7 +101,10 @@ def test_32_concurrent_clients_are_batched_and_each_gets_its_own_scores():
         stats = health(url)["stats"]
     assert not errors, errors[0]
     for index, (images, metadata) in enumerate(requests):
-        np.testing.assert_allclose(results[index], helpers.mean_pixel(images, ["a", "b"], metadata), rtol=1e-6)
+        expected = helpers.mean_pixel(images, ["a", "b"], metadata).scores
+        np.testing.assert_array_equal(results[index], expected)
+        np.testing.assert_array_equal(np.asarray(infos[index]["doubled"], dtype=np.float32), 2 * expected)  # per-image info sliced
+        assert infos[index]["batch_size"] >= 2  # batch-level info passed whole
     assert stats["requests"] == clients and stats["images"] == 2 * clients
     assert stats["reward_calls"] == len(helpers.SLOW_CALLS) < clients  # fewer model calls than requests
     assert stats["largest_batch"] == max(helpers.SLOW_CALLS) > 2
@@ -210,7 +216,7 @@ def test_reward_url_in_the_config():
         config = load_config("shapes/default", [f'reward.url="{url}"', 'reward.name="remote"', "reward.kwargs={retries = 1}"])
         reward = build_reward_from_config(config.reward)
         assert reward.reward.retries == 1
-        np.testing.assert_allclose(reward(noise_images(1), ["a"], [{}]).scores, helpers.mean_pixel(noise_images(1), ["a"], [{}]), rtol=1e-6)
+        np.testing.assert_array_equal(reward(noise_images(1), ["a"], [{}]).scores, helpers.mean_pixel(noise_images(1), ["a"], [{}]).scores)
         with pytest.raises(RemoteRewardError, match="serves 'mean_pixel', not 'shapes_alignment'"):
             build_reward_from_config(load_config("shapes/default", [f'reward.url="{url}"']).reward)
     with pytest.raises(ConfigError, match="reward.url serves one reward"):
@@ -229,3 +235,13 @@ def test_serve_reward_cli_refuses_bad_input_in_one_line():
     assert result.output.strip().splitlines()[-1] .startswith("ddpo: error: unknown reward 'jpeg_compressability' (did you mean 'jpeg_compressibility'?)")
     result = CliRunner().invoke(main, ["serve-reward", "--reward", "jpeg_compressibility", "--kwargs", "[1]"])
     assert result.exit_code == 2 and "--kwargs must be a JSON object" in result.output
+
+
+def test_a_refused_large_batch_gets_the_message_not_a_broken_pipe():
+    """A client sending a big body to a server that refuses it (wrong token) reads the refusal."""
+    from ddpo.rewards.remote import RemoteReward
+
+    with running_server(checked_reward("mean_pixel", helpers.mean_pixel), token="right") as (url, _):
+        big = noise_images(16, size=256)  # ~3 MB of PNG
+        with pytest.raises(RemoteRewardError, match=r"refused the batch \(HTTP 401: wrong bearer token\)$"):
+            RemoteReward(url, token="wrong", retries=0)(big, ["a"] * 16, [{}] * 16)

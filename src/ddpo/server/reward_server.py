@@ -7,8 +7,8 @@ keeps accepting requests meanwhile; each request gets its own slice of the score
 reward call fails is scored again request by request, so that one bad request fails alone.
 
 Safety: binds 127.0.0.1 unless told otherwise; with a token, every request but `GET /health` needs
-`Authorization: Bearer TOKEN`; bodies over `max_body_bytes` and requests over `max_request_images`
-are refused before decoding; images are PNG only, their pixel count bounded; nothing is unpickled.
+`Authorization: Bearer TOKEN`; bodies over `max_body_bytes` (never held in memory) and requests over
+`max_request_images` are refused before decoding; images are PNG only, their pixel count bounded; nothing is unpickled.
 Refusals are 4xx with `{"detail": "one line"}`; a failing reward is a 500 naming it.
 """
 
@@ -32,6 +32,8 @@ from ddpo.server.protocol import RequestError, decode_request, jsonable
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+DRAIN_FACTOR = 16
+"""An oversize body is read (and dropped) up to this many times the limit before the 413 is sent."""
 
 
 @dataclass
@@ -207,6 +209,16 @@ def create_app(reward: CheckedReward, *, token: str | None = None, limits: Serve
 
     @app.post("/score")
     async def score(request: Request):
+        # The body is read before any refusal, bytes past the limit dropped rather than kept (and reading stops
+        # at DRAIN_FACTOR x the limit): a client still sending when the answer comes sees a broken pipe, not
+        # the message.
+        body, size = bytearray(), 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limits.max_body_bytes:
+                body += chunk
+            elif size > DRAIN_FACTOR * limits.max_body_bytes:
+                break
         if token is not None:
             given = request.headers.get("authorization", "")
             if not given:
@@ -217,14 +229,10 @@ def create_app(reward: CheckedReward, *, token: str | None = None, limits: Serve
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             return refuse(f"content type {content_type or 'none'!r} is not supported: send application/json", 415)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            return refuse(f"the body is {int(declared)} bytes, over the server's limit of {limits.max_body_bytes}", 413)
-        body = bytearray()
-        async for chunk in request.stream():  # also bounds bodies sent without a Content-Length
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                return refuse(f"the body is over the server's limit of {limits.max_body_bytes} bytes", 413)
+        if size > limits.max_body_bytes:
+            declared = request.headers.get("content-length", "")
+            length = f"{int(declared)} bytes" if declared.isdigit() else "too long"
+            return refuse(f"the body is {length}, over the server's limit of {limits.max_body_bytes} bytes", 413)
         try:
             images, prompts, metadata = decode_request(bytes(body), limits.max_request_images)
         except RequestError as error:
