@@ -116,3 +116,23 @@ def test_killing_the_server_mid_run_makes_training_retry_then_fail_clearly(tiny_
     assert "ConnectionRefusedError" in message and " on prompt '" in message
     assert time.monotonic() - started > 0.6  # it waited 0.2 s + 0.4 s before its retries
     assert [record["epoch"] for record in metrics_of(out)] == [1]  # epoch 2 never recorded, no zero rewards
+
+
+def test_weighted_terms_one_of_them_served_are_each_logged_in_the_metrics(tiny_pipeline_dir, tmp_path):
+    from reward_server_helpers import running_server
+
+    from ddpo.rewards import build_reward
+
+    out = tmp_path / "run"
+    with running_server(build_reward("jpeg_incompressibility")) as (url, _):
+        terms = (
+            '[{name="jpeg_compressibility", weight=1.0}, '
+            f'{{name="remote", weight=0.5, kwargs={{url="{url}", expect="jpeg_incompressibility"}}}}]'
+        )
+        result = CliRunner().invoke(main, cli_args(tiny_pipeline_dir, out, **{"reward.terms": terms}), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for record in metrics_of(out):
+        compressibility, served = record["reward_jpeg_compressibility"], record["reward_remote"]
+        assert served == pytest.approx(-compressibility, rel=1e-5)  # the server scored the same images
+        assert record["reward_mean"] == pytest.approx(compressibility + 0.5 * served, rel=1e-5)
+        assert compressibility < 0
