@@ -62,7 +62,6 @@ def shapes_args(out: Path, **extra) -> list[str]:
     return args
 
 
-@pytest.mark.slow
 def test_shapes_run_with_the_reward_over_http_equals_the_in_process_run(tmp_path):
     from reward_server_helpers import running_server
 

@@ -245,3 +245,62 @@ def test_a_refused_large_batch_gets_the_message_not_a_broken_pipe():
         big = noise_images(16, size=256)  # ~3 MB of PNG
         with pytest.raises(RemoteRewardError, match=r"refused the batch \(HTTP 401: wrong bearer token\)$"):
             RemoteReward(url, token="wrong", retries=0)(big, ["a"] * 16, [{}] * 16)
+
+
+def test_remote_retries_a_busy_server_and_then_gets_its_scores():
+    """A server answering 503 twice, then scores: the reward waits out the backoff and returns the scores."""
+    import http.server
+
+    answers = [(503, {"detail": "busy"}), (503, {"detail": "busy"}), (200, {"scores": [0.25], "info": {}})]
+    seen: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, body = answers[len(seen)]
+            seen.append(status)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        from ddpo.rewards.remote import RemoteReward
+
+        started = time.monotonic()
+        scores = RemoteReward(f"http://127.0.0.1:{server.server_address[1]}", retries=2, backoff=0.1)(noise_images(1), ["a"], [{}]).scores
+    finally:
+        server.shutdown()
+    assert seen == [503, 503, 200] and scores.tolist() == [0.25]
+    assert time.monotonic() - started >= 0.3
+
+
+def test_remote_does_not_retry_a_failing_served_reward_and_passes_on_its_message():
+    from ddpo.rewards.remote import RemoteReward
+
+    reward = checked_reward("fails_on_boom", helpers.fails_on_boom)
+    with running_server(reward) as (url, _):
+        with pytest.raises(RemoteRewardError) as error:
+            RemoteReward(url, retries=3, backoff=5.0)(noise_images(1), ["boom"], [{}])
+        assert health(url)["stats"]["reward_calls"] == 1  # not retried
+    assert str(error.value) == (
+        f"reward server {url} failed to score the batch (HTTP 500: RewardError: reward 'fails_on_boom' raised ValueError: "
+        "cannot score 'boom' on prompt 'boom')"
+    )
+
+
+def test_metadata_travels_as_json_and_what_json_cannot_carry_is_named():
+    with running_server(checked_reward("mean_pixel", helpers.mean_pixel)) as (url, _):
+        remote = build_reward("remote", url=url)
+        scores = remote(noise_images(1), ["a"], [{"offset": np.float32(2.0), "tags": np.array([1, 2])}]).scores
+        assert scores[0] == pytest.approx(helpers.mean_pixel(noise_images(1), ["a"], [{}]).scores[0] + 2.0)
+        with pytest.raises(RewardError, match=r"raised TypeError: metadata value <object object at .*> \(object\) cannot be sent to a reward server as JSON"):
+            remote(noise_images(1), ["a"], [{"thing": object()}])

@@ -1,8 +1,8 @@
 """The `remote` reward: scores come from a reward server (`ddpo serve-reward`) over HTTP.
 
 Each call POSTs the batch as JSON with base64 PNG images (`ddpo.server.protocol`). A connection failure, a
-timeout, a 5xx or a 429 is retried `retries` times, waiting `backoff`, 2 x `backoff`, 4 x `backoff`, ...
-seconds; a refusal (any other 4xx) is not retried. When the server cannot score, the reward raises, naming
+timeout, a 429, 502, 503 or 504 is retried `retries` times, waiting `backoff`, 2 x `backoff`, 4 x `backoff`,
+... seconds; a refusal (another 4xx) or the served reward failing (500) is not retried. When the server cannot score, the reward raises, naming
 the server and why: never a silent zero. Training already scores each batch in a thread while the next one
 samples (`ddpo.train`), so a remote reward overlaps the network and the server's work with sampling.
 """
@@ -23,7 +23,8 @@ from PIL import Image
 from ddpo.rewards.base import Reward, RewardOutput, register_reward
 
 TOKEN_ENVIRONMENT_VARIABLE = "DDPO_REWARD_TOKEN"
-RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+"""Busy or briefly unavailable. A 500 is the served reward failing on this batch, which a retry repeats."""
 
 
 class RemoteRewardError(RuntimeError):
@@ -82,7 +83,8 @@ class RemoteReward:
             except urllib.error.HTTPError as error:
                 reason = f"HTTP {error.code}: {_detail(error)}"
                 if error.code not in RETRIED_STATUSES:
-                    raise RemoteRewardError(f"reward server {self.url} refused the batch ({reason})") from None
+                    verb = "refused" if error.code < 500 else "failed to score"
+                    raise RemoteRewardError(f"reward server {self.url} {verb} the batch ({reason})") from None
                 failures.append(reason)
                 continue
             except (urllib.error.URLError, OSError, json.JSONDecodeError) as error:
@@ -129,7 +131,7 @@ def remote(url: str, token: str | None = None, timeout: float = 120.0, retries: 
         url: the server's root, e.g. "http://127.0.0.1:8765".
         token: bearer token; None reads the environment variable DDPO_REWARD_TOKEN (keeps it out of configs).
         timeout: seconds one request may take (a batch of a big model on a busy server takes a while).
-        retries: further attempts after a connection failure, timeout, 5xx or 429.
+        retries: further attempts after a connection failure, a timeout, or a 429, 502, 503 or 504.
         backoff: seconds before the first retry, doubled before each next one.
         expect: the name of the reward the server must be serving (checked once, at build); None: any.
 

@@ -173,15 +173,20 @@ def vlm_yes_no(
     yes_id, no_id = vlm.token_id(yes), vlm.token_id(no)
 
     def reward(images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
-        scores = []
+        questions = [question.format(prompt=prompt) for prompt in prompts]
+        # Questions of equal token length go through the model together, so nothing is ever padded: with left
+        # padding, position ids (and with them the logits) would depend on the batch for many architectures.
+        by_length: dict[int, list[int]] = {}
+        for index, text in enumerate(questions):
+            by_length.setdefault(len(vlm.processor.tokenizer(vlm.text(text))["input_ids"]), []).append(index)
+        scores = np.zeros(len(images), dtype=np.float32)
         with torch.inference_mode():
-            for batch_images, batch_prompts in zip(batches(images, batch_size), batches(prompts, batch_size)):
-                inputs = vlm.inputs(batch_images, [question.format(prompt=prompt) for prompt in batch_prompts])
-                # Left padding: positions count real tokens only, so that a padded row equals the row alone.
-                inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-                logits = vlm.model(**inputs).logits[:, -1].float()
-                scores.append(torch.sigmoid(logits[:, yes_id] - logits[:, no_id]).cpu())
-        return RewardOutput(torch.cat(scores).numpy().astype(np.float32))
+            for indices in by_length.values():
+                for chunk in batches(indices, batch_size):
+                    inputs = vlm.inputs([images[i] for i in chunk], [questions[i] for i in chunk])
+                    logits = vlm.model(**inputs).logits[:, -1].float()
+                    scores[chunk] = torch.sigmoid(logits[:, yes_id] - logits[:, no_id]).cpu().numpy()
+        return RewardOutput(scores)
 
     return reward
 

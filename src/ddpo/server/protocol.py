@@ -64,8 +64,21 @@ def decode_png(text: Any, index: int) -> Image.Image:
 
 
 def encode_request(images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> bytes:
-    """The JSON body of a `/score` request."""
-    return json.dumps({"images": [encode_png(image) for image in images], "prompts": list(prompts), "metadata": list(metadata)}).encode()
+    """The JSON body of a `/score` request; numpy numbers and arrays in `metadata` become JSON numbers and lists.
+
+    Raises:
+        TypeError: `metadata` holds something else JSON cannot carry (named).
+    """
+    payload = {"images": [encode_png(image) for image in images], "prompts": list(prompts), "metadata": list(metadata)}
+    return json.dumps(payload, default=_json_default).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"metadata value {value!r} ({type(value).__name__}) cannot be sent to a reward server as JSON")
 
 
 def decode_request(body: bytes, max_images: int) -> tuple[list[Image.Image], list[str], list[dict]]:

@@ -55,7 +55,9 @@ class ServerStats:
     """Counters reported by `GET /health`."""
 
     requests: int = 0
+    """Valid /score requests."""
     images: int = 0
+    """Images passed to the reward (a batch scored again request by request counts twice)."""
     reward_calls: int = 0
     largest_batch: int = 0
     refused: int = 0
@@ -140,12 +142,13 @@ class RewardService:
 
     def _call(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
         started = time.perf_counter()
-        output = self.reward(images, prompts, metadata)
-        self.stats.reward_calls += 1
-        self.stats.images += len(images)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(images))
-        self.stats.reward_seconds += time.perf_counter() - started
-        return output
+        try:
+            return self.reward(images, prompts, metadata)
+        finally:  # failed calls count too
+            self.stats.reward_calls += 1
+            self.stats.images += len(images)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(images))
+            self.stats.reward_seconds += time.perf_counter() - started
 
     def _score_batch(self, batch: list[_Pending]) -> list[RewardOutput | BaseException]:
         """One reward call for the whole batch, split per request; if it fails, one call per request."""
