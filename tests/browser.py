@@ -5,6 +5,9 @@ NUL bytes on file descriptors 3 and 4, what Puppeteer and Playwright use), so no
 the standard library talks to the browser directly.
 
     python tests/browser.py PAGE.html SCREENSHOT.png    # prints the findings as JSON; exit 1 if any problem
+
+`inspect_page` loads a file and reports; `ChromiumPage` is the session underneath, for tests that drive a page
+(navigate, run JavaScript, wait for a condition, press keys with `Input.dispatchKeyEvent`, take screenshots).
 """
 
 from __future__ import annotations
@@ -95,9 +98,10 @@ class _Pipe:
                 return reply.get("result", {})
             self.events.append(reply)
 
-    def wait_for(self, method: str, timeout: float = 60) -> dict:
+    def wait_for(self, method: str, timeout: float = 60, *, after: int = 0) -> dict:
+        """The first event `method` among those received from index `after` on, waiting for it if need be."""
         deadline = time.monotonic() + timeout
-        for event in self.events:
+        for event in self.events[after:]:
             if event.get("method") == method:
                 return event
         while True:
@@ -118,61 +122,139 @@ class _Pipe:
         return json.loads(message)
 
 
-def inspect_page(page: str | Path, screenshot: str | Path | None = None, *, chromium: str | None = None, width: int = 1400) -> PageFindings:
-    """Load `page` (a local file) in headless Chromium; return what loaded, what broke, and save a full-page
-    screenshot (PNG) to `screenshot` when given."""
-    chromium = chromium or find_chromium()
-    if chromium is None:
-        raise FileNotFoundError("no Chromium found (apt-get install chromium)")
-    url = Path(page).resolve().as_uri()
-    # The child's ends sit at fd >= 10 (close-on-exec) so that placing them at 3 and 4 cannot overwrite each other.
-    to_browser_read, to_browser_write = _high_pipe()
-    from_browser_read, from_browser_write = _high_pipe()
+# Keys for Input.dispatchKeyEvent: key -> (code, Windows virtual key code); printable keys also send text.
+_SPECIAL_KEYS = {"Backspace": ("Backspace", 8), "Enter": ("Enter", 13), "Escape": ("Escape", 27), "Tab": ("Tab", 9)}
 
-    def child_fds() -> None:  # the browser reads commands on fd 3 and writes replies on fd 4
-        os.dup2(to_browser_read, 3)
-        os.dup2(from_browser_write, 4)
 
-    with tempfile.TemporaryDirectory(prefix="ddpo-chromium-") as profile:
-        process = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},1000", "about:blank"],
+class ChromiumPage:
+    """Headless Chromium with one page, over the DevTools pipe; use as a context manager.
+
+        with ChromiumPage() as page:
+            page.navigate("http://127.0.0.1:8766/")
+            page.wait_until("document.body.dataset.state === 'ready'")
+            page.press("1")
+    """
+
+    def __init__(self, *, chromium: str | None = None, width: int = 1400, height: int = 1000) -> None:
+        self.chromium = chromium or find_chromium()
+        if self.chromium is None:
+            raise FileNotFoundError("no Chromium found (apt-get install chromium)")
+        self.width, self.height = width, height
+
+    def __enter__(self) -> "ChromiumPage":
+        # The child's ends sit at fd >= 10 (close-on-exec) so that placing them at 3 and 4 cannot overwrite each other.
+        to_browser_read, to_browser_write = _high_pipe()
+        from_browser_read, from_browser_write = _high_pipe()
+
+        def child_fds() -> None:  # the browser reads commands on fd 3 and writes replies on fd 4
+            os.dup2(to_browser_read, 3)
+            os.dup2(from_browser_write, 4)
+
+        self._profile = tempfile.TemporaryDirectory(prefix="ddpo-chromium-")
+        self.process = subprocess.Popen(
+            [self.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}", f"--window-size={self.width},{self.height}", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=child_fds, close_fds=False,  # dup2 leaves 3 and 4 inheritable; every other fd here is close-on-exec
         )  # fmt: skip
         os.close(to_browser_read)
         os.close(from_browser_write)
-        pipe = _Pipe(to_browser_write, from_browser_read)
+        self.pipe = _Pipe(to_browser_write, from_browser_read)
         try:
-            target = pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-            session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            target = self.pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self.session = self.pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for domain in ("Page", "Runtime", "Log"):
-                pipe.call(f"{domain}.enable", session=session)
-            pipe.call("Page.navigate", {"url": url}, session=session)
-            pipe.wait_for("Page.loadEventFired")
-            result = pipe.call("Runtime.evaluate", {"expression": INSPECT_PAGE, "returnByValue": True}, session=session)
-            value = result["result"]["value"]
-            findings = PageFindings(title=value["title"], images=value["images"], charts=value["charts"], text=value["text"])
-            if screenshot is not None:
-                height = min(int(value["height"]), 16000)
-                pipe.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
-                shot = pipe.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=session)
-                Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
-                Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
-                findings.screenshot = Path(screenshot)
-            findings.console = _problems(pipe.events)
-            return findings
-        finally:
-            try:
-                pipe.call("Browser.close", timeout=10)
-            except (RuntimeError, TimeoutError, OSError):
-                pass
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            os.close(to_browser_write)
-            os.close(from_browser_read)
+                self.call(f"{domain}.enable")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.pipe.call("Browser.close", timeout=10)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.pipe.to_browser)
+        os.close(self.pipe.from_browser)
+        self._profile.cleanup()
+
+    def call(self, method: str, params: dict | None = None, timeout: float = 60) -> dict:
+        """A DevTools command on the page's session."""
+        return self.pipe.call(method, params, session=self.session, timeout=timeout)
+
+    def navigate(self, url: str, timeout: float = 60) -> None:
+        """Load `url` and wait for its load event."""
+        seen = len(self.pipe.events)
+        self.call("Page.navigate", {"url": url})
+        self.pipe.wait_for("Page.loadEventFired", timeout, after=seen)
+
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression in the page (promises awaited); page exceptions raise."""
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails'].get('exception', {}).get('description')}")
+        return result["result"].get("value")
+
+    def wait_until(self, expression: str, timeout: float = 10, interval: float = 0.05):
+        """Evaluate `expression` until it is truthy; returns its value, or raises TimeoutError naming it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page never satisfied {expression!r} (last value {value!r})")
+            time.sleep(interval)
+
+    def press(self, key: str) -> None:
+        """A real key press (keyDown, keyUp) as the page's focused document receives it: "1", "t", "Backspace"."""
+        if key in _SPECIAL_KEYS:
+            code, virtual = _SPECIAL_KEYS[key]
+            down = {"key": key, "code": code, "windowsVirtualKeyCode": virtual}
+        elif len(key) == 1:
+            code = f"Digit{key}" if key.isdigit() else f"Key{key.upper()}" if key.isalpha() else ""
+            down = {"key": key, "code": code, "text": key, "unmodifiedText": key, "windowsVirtualKeyCode": ord(key.upper())}
+        else:
+            raise ValueError(f"press: no key {key!r}")
+        self.call("Input.dispatchKeyEvent", {"type": "keyDown", **down})
+        self.call("Input.dispatchKeyEvent", {"type": "keyUp", **{k: v for k, v in down.items() if k not in ("text", "unmodifiedText")}})
+
+    def screenshot(self, path: str | Path, *, full_page: bool = True) -> Path:
+        """Save a PNG of the page (its full height unless `full_page` is false)."""
+        if full_page:
+            height = min(int(self.evaluate("document.documentElement.scrollHeight")), 16000)
+            self.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        shot = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": full_page})
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(base64.b64decode(shot["data"]))
+        return Path(path)
+
+    def events(self, method: str) -> list[dict]:
+        """Every event `method` received so far (e.g. "Page.javascriptDialogOpening")."""
+        return [event for event in self.pipe.events if event.get("method") == method]
+
+    @property
+    def problems(self) -> list[str]:
+        """Console errors and warnings, uncaught exceptions and browser log errors so far."""
+        return _problems(self.pipe.events)
+
+
+def inspect_page(page: str | Path, screenshot: str | Path | None = None, *, chromium: str | None = None, width: int = 1400) -> PageFindings:
+    """Load `page` (a local file) in headless Chromium; return what loaded, what broke, and save a full-page
+    screenshot (PNG) to `screenshot` when given."""
+    with ChromiumPage(chromium=chromium, width=width) as browser:
+        browser.navigate(Path(page).resolve().as_uri())
+        value = browser.evaluate(INSPECT_PAGE)
+        findings = PageFindings(title=value["title"], images=value["images"], charts=value["charts"], text=value["text"])
+        if screenshot is not None:
+            findings.screenshot = browser.screenshot(screenshot)
+        findings.console = browser.problems
+        return findings
 
 
 def _high_pipe() -> tuple[int, int]:

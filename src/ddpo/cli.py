@@ -347,5 +347,144 @@ def toy_evaluate(model: str, lora: str | None, judge: str | None, seeds: int, st
     click.echo(text)
 
 
+def _label_errors() -> tuple[type[BaseException], ...]:
+    from .preference.store import LabelStoreError
+
+    return (LabelStoreError, FileNotFoundError)
+
+
+def _open_store(path: str, *, must_exist: bool = True):
+    from .preference.store import LabelStore
+
+    if must_exist and not Path(path).is_file():
+        raise UserError(f"no label store at {path}; create it with `ddpo label add-labeller {path} NAME` or `ddpo label add-pairs {path} ...`")
+    try:
+        return LabelStore(path)
+    except _label_errors() as error:
+        raise UserError(str(error)) from error
+
+
+@main.group()
+def label() -> None:
+    """People in the loop: a labelling web app over a label store (SQLite), its labellers, pairs and labels."""
+
+
+@label.command("serve")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback, put it behind TLS.")
+@click.option("--port", default=8766, show_default=True, type=int)
+def label_serve(store: str, host: str, port: int) -> None:
+    """Serve the labelling page: a prompt, two images, keys 1 / 2 / t (tie) / s (skip) / u (undo)."""
+    try:
+        from .server.label_app import serve
+    except ImportError as error:
+        raise UserError(f"the labelling app needs FastAPI and uvicorn: pip install 'ddpo[label]' ({error})") from error
+    opened = _open_store(store)
+    progress, labellers = opened.progress(), opened.labellers()
+    opened.close()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"ddpo label: warning: binding {host}: tokens and labels travel unencrypted; put the app behind TLS", err=True)
+    hint = "" if labellers else f"; no labellers yet: `ddpo label add-labeller {store} NAME`"
+    click.echo(f"ddpo label: {store} ({progress['pairs']} pairs, {sum(progress['labels_per_labeller'].values())} labels) on http://{host}:{port}/{hint}", err=True)
+    serve(store, host, port)
+
+
+@label.command("add-labeller")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("name")
+@click.option("--replace", is_flag=True, help="Give an existing labeller a new token (the old one stops working).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Host of the link printed.")
+@click.option("--port", default=8766, show_default=True, type=int, help="Port of the link printed.")
+def label_add_labeller(store: str, name: str, replace: bool, host: str, port: int) -> None:
+    """Create a labeller (and the store if new); prints their private link, which carries their token."""
+    try:
+        token = _open_store(store, must_exist=False).add_labeller(name, replace=replace)
+    except _label_errors() as error:
+        raise UserError(str(error)) from error
+    click.echo(f"http://{host}:{port}/#token={token}")
+
+
+@label.command("add-pairs")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A run directory: same-prompt pairs from its sample grid.")
+@click.option("--epoch", type=int, help="With --run: the grid of this epoch (default: the last).")
+@click.option("--file", "pairs_file", type=click.Path(dir_okay=False), help='JSONL, one {"prompt", "image_a", "image_b"} per line.')
+def label_add_pairs(store: str, run_dir: str | None, epoch: int | None, pairs_file: str | None) -> None:
+    """Queue pairs to label, from a run's sample grid or from a file."""
+    from .preference.pairs import pairs_from_file, pairs_from_run
+
+    if (run_dir is None) == (pairs_file is None):
+        raise UserError("give exactly one of --run RUN_DIR and --file PAIRS.jsonl")
+    try:
+        pairs, metadata = pairs_from_run(run_dir, epoch) if run_dir else pairs_from_file(pairs_file)
+        ids = _open_store(store, must_exist=False).add_pairs(pairs, source=f"run:{run_dir}" if run_dir else f"file:{pairs_file}", metadata=metadata)
+    except _label_errors() as error:
+        raise UserError(str(error)) from error
+    click.echo(f"{len(ids)} pairs in {store}")
+
+
+@label.command("export")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--no-images", is_flag=True, help="Leave the PNGs out (the importing store must already hold them).")
+def label_export(store: str, out: str, no_images: bool) -> None:
+    """Write every label as one JSON line (labeller, choice, time, prompt, image hashes and PNGs)."""
+    try:
+        count = _open_store(store).export_jsonl(out, images=not no_images)
+    except _label_errors() as error:
+        raise UserError(str(error)) from error
+    click.echo(f"{count} labels -> {out}")
+
+
+@label.command("import")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("jsonl", type=click.Path(dir_okay=False))
+def label_import(store: str, jsonl: str) -> None:
+    """Merge the labels of an export into STORE (created if new); labels already there are not duplicated."""
+    import json
+
+    try:
+        counts = _open_store(store, must_exist=False).import_jsonl(jsonl)
+    except _label_errors() as error:
+        raise UserError(str(error)) from error
+    click.echo(json.dumps(counts))
+
+
+@label.command("status")
+@click.argument("store", type=click.Path(dir_okay=False))
+def label_status(store: str) -> None:
+    """Pairs, labelled pairs and labels per labeller (JSON)."""
+    import json
+
+    click.echo(json.dumps(_open_store(store).progress(), indent=2))
+
+
+@main.group()
+def preference() -> None:
+    """Preference models learned from labels (Bradley-Terry), usable as reward `preference:PATH`."""
+
+
+@preference.command("train")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the model (.safetensors).")
+@click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL' (hub id or directory).")
+@click.option("--heldout", default=0.2, show_default=True, type=float, help="Fraction of pairs held out to measure pairwise accuracy.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def preference_train(store: str, out: str, features: str, heldout: float, seed: int) -> None:
+    """Fit a Bradley-Terry model on STORE's labels; prints the held-out pairwise accuracy (JSON)."""
+    _quiet_libraries()
+    import json
+    from dataclasses import asdict
+
+    from .preference.model import PreferenceModelError, save_preference_model, train_preference_model
+
+    try:
+        model, _, report = train_preference_model(_open_store(store).comparisons(), features, heldout_fraction=heldout, seed=seed)
+        save_preference_model(model, report, out)
+    except (PreferenceModelError, ValueError, *_label_errors()) as error:
+        raise UserError(str(error)) from error
+    click.echo(json.dumps({"model": out, "reward": f"preference:{out}", **asdict(report)}, indent=2))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Rewards: `reward(images, prompts, metadata) -> RewardOutput`, registered by name or given as
 `"package.module:function"`. Importing this package registers the built-in rewards."""
 
-from ddpo.rewards import clip, jpeg, remote, vlm
+from ddpo.rewards import clip, jpeg, preference, remote, vlm
 from ddpo.rewards.base import (
     CheckedReward,
     Reward,
@@ -30,6 +30,7 @@ __all__ = [
     "checked_reward",
     "clip",
     "jpeg",
+    "preference",
     "remote",
     "register_reward",
     "score",

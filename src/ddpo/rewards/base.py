@@ -46,18 +46,34 @@ class RewardError(RuntimeError):
 
 RewardFactory = Callable[..., Reward]
 _FACTORIES: dict[str, RewardFactory] = {}
+_PATH_ARGUMENTS: dict[str, str] = {}
+"""Rewards also named `name:PATH` (e.g. `preference:model.safetensors`): name -> the factory's keyword for PATH."""
 
 
-def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator registering `factory(**kwargs) -> Reward` under `name` (the value of `reward.name`)."""
+def register_reward(name: str, *, path_argument: str | None = None) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator registering `factory(**kwargs) -> Reward` under `name` (the value of `reward.name`). With
+    `path_argument`, `name:PATH` also names the reward: the factory gets `path_argument=PATH`."""
 
     def decorator(factory: RewardFactory) -> RewardFactory:
         if name in _FACTORIES:
             raise ValueError(f"reward {name!r} is already registered")
         _FACTORIES[name] = factory
+        if path_argument:
+            _PATH_ARGUMENTS[name] = path_argument
         return factory
 
     return decorator
+
+
+def _with_path(name: str, kwargs: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any] | None]:
+    """`name:PATH` of a reward registered with a path argument -> (name, kwargs with that argument = PATH);
+    anything else unchanged."""
+    prefix, colon, path = name.partition(":")
+    if not colon or prefix not in _PATH_ARGUMENTS:
+        return name, kwargs
+    if not path:
+        raise ValueError(f"reward {name!r} needs a path after '{prefix}:'")
+    return prefix, None if kwargs is None else {**kwargs, _PATH_ARGUMENTS[prefix]: path}
 
 
 @functools.cache
@@ -155,6 +171,7 @@ def check_reward(name: str, kwargs: Mapping[str, Any] | None) -> None:
         ValueError: unknown name (with the nearest registered one), malformed reference, or keyword
             arguments the factory does not accept.
     """
+    name, kwargs = _with_path(name, kwargs)
     if ":" in name:
         module_name, _, attribute = name.partition(":")
         if not module_name or not attribute:
@@ -184,9 +201,10 @@ def build_reward(name: str, **kwargs: Any) -> CheckedReward:
         ValueError: see `check_reward`; also a reference whose module or attribute cannot be found.
     """
     check_reward(name, kwargs)
-    if ":" in name:
+    factory_name, factory_kwargs = _with_path(name, kwargs)
+    if ":" in factory_name:
         return checked_reward(name, _import_reference(name))
-    return checked_reward(name, _FACTORIES[name](**kwargs))
+    return checked_reward(name, _FACTORIES[factory_name](**factory_kwargs))
 
 
 @dataclass

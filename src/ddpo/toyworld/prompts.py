@@ -5,16 +5,20 @@
 - `shapes_unusual_heldout`: the 12 captions of the other unusual pairs, never seen by RL (for evaluation).
 - `shapes_common`: the 24 captions of the common pairs (8 pairs x 3 counts).
 - `shapes_all`: all 72 captions: common, unusual train, unusual held-out, then the other unusual pairs.
+- `shapes_open_count`: 12 prompts that leave the count to the model: the 8 common pairs in the plural
+  without a count ("red circles"), then the 4 shapes alone ("circles"). The base model draws one, two or
+  three objects for them, so a labeller's taste for fewer objects has room to act (people-in-the-loop tests).
 
 Metadata of each prompt: `count` (1-3), `color`, `shape` and `group` ("common", "unusual_train",
-"unusual_heldout" (the names `ddpo.toyworld.evaluation` reports under) or "unusual_other").
+"unusual_heldout" (the names `ddpo.toyworld.evaluation` reports under) or "unusual_other"); the open-count
+prompts have no `count`, and group "open_count".
 """
 
 from __future__ import annotations
 
 from ddpo.prompts import ListPromptSource, register_prompt_source
 
-from .render import COMMON, COUNTS, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, caption
+from .render import COMMON, COUNTS, PLURALS, SHAPES, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, caption
 
 GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
     "common": COMMON,
@@ -59,3 +63,11 @@ def shapes_common() -> ListPromptSource:
 def shapes_all() -> ListPromptSource:
     """All 72 captions of the Shapes world."""
     return shapes_source("common", "unusual_train", "unusual_heldout", "unusual_other")
+
+
+@register_prompt_source("shapes_open_count")
+def shapes_open_count() -> ListPromptSource:
+    """Prompts without a count, e.g. "red circles" and "circles": how many objects is left to the model."""
+    prompts = [f"{color} {PLURALS[shape]}" for color, shape in COMMON] + [PLURALS[shape] for shape in SHAPES]
+    metadata = [{"color": color, "shape": shape, "group": "open_count"} for color, shape in COMMON] + [{"shape": shape, "group": "open_count"} for shape in SHAPES]
+    return ListPromptSource(prompts, metadata)

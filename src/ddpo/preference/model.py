@@ -1,0 +1,221 @@
+"""A Bradley-Terry preference model learned from labelled pairs, over frozen image and prompt features.
+
+Bradley and Terry (1952): each item has a strength s, and item a beats item b with probability
+sigmoid(s_a - s_b). Here the strength of an image for a prompt is
+
+    s(image, prompt) = w . g + (A g) . (B h),    g = (f(image) - mean) / std,   h = f(prompt),
+
+a linear score of the standardised frozen image features g plus a rank-r interaction with the prompt's
+features h (so that what is preferred may depend on what was asked). It is fitted by minimising the
+cross-entropy of sigmoid(s_a - s_b) against the labels (1 for "1", 0 for "2", 1/2 for a tie; skips carry no
+preference and are left out) with an L2 penalty, the reward model of RLHF (Ouyang et al. 2022, Sec. 3.5) on
+features instead of a fine-tuned network. Pairs, not labels, are split into training and held-out sets, so
+that two labellers' votes on one pair never straddle the split. As a reward (`preference:PATH`), s is the
+score.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .features import FeatureExtractor, build_features, unique_image_features
+from .store import Comparison
+
+FORMAT = "ddpo-preference-model"
+FORMAT_VERSION = "1"
+TARGETS = {"1": 1.0, "2": 0.0, "tie": 0.5}
+MIN_COMPARISONS = 10
+
+
+class PreferenceModelError(ValueError):
+    """Too few labels to train on, or a file that is not a saved preference model; the message says which."""
+
+
+class BradleyTerryModel(nn.Module):
+    """s(g, h) = w . g + (A g) . (B h) over standardised image features g and prompt features h: (n,) scores."""
+
+    def __init__(self, image_dim: int, prompt_dim: int, rank: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("image_mean", torch.zeros(image_dim))
+        self.register_buffer("image_std", torch.ones(image_dim))
+        self.linear = nn.Linear(image_dim, 1, bias=False)
+        self.image_factor = nn.Linear(image_dim, rank, bias=False)
+        self.prompt_factor = nn.Linear(prompt_dim, rank, bias=False)
+
+    def forward(self, image_features: torch.Tensor, prompt_features: torch.Tensor) -> torch.Tensor:
+        g = (image_features - self.image_mean) / self.image_std
+        return self.linear(g).squeeze(-1) + (self.image_factor(g) * self.prompt_factor(prompt_features)).sum(-1)
+
+
+@dataclass
+class TrainingReport:
+    """What `ddpo preference train` prints and saves with the model."""
+
+    features: str
+    comparisons: int
+    """Labelled comparisons used (skips left out), training and held-out together."""
+    pairs: int
+    train_comparisons: int
+    heldout_comparisons: int
+    heldout_decided: int
+    """Held-out comparisons that are not ties: the denominator of the held-out accuracy."""
+    heldout_accuracy: float | None
+    """Fraction of held-out decided comparisons whose preferred image the model scores higher; None without a held-out set."""
+    heldout_log_loss: float | None
+    train_accuracy: float
+    seed: int
+
+
+@dataclass
+class _Data:
+    image_a: torch.Tensor
+    image_b: torch.Tensor
+    prompt: torch.Tensor
+    target: torch.Tensor
+
+    def select(self, rows: list[int]) -> "_Data":
+        return _Data(self.image_a[rows], self.image_b[rows], self.prompt[rows], self.target[rows])
+
+
+def _tensors(comparisons: list[Comparison], extractor: FeatureExtractor) -> _Data:
+    features, rows = unique_image_features(extractor, [c.png_a for c in comparisons] + [c.png_b for c in comparisons])
+    n = len(comparisons)
+    prompts = extractor.prompts([c.prompt for c in comparisons])
+    target = torch.tensor([TARGETS[c.choice] for c in comparisons])
+    return _Data(features[rows[:n]], features[rows[n:]], prompts, target)
+
+
+def _margins(model: BradleyTerryModel, data: _Data) -> torch.Tensor:
+    return model(data.image_a, data.prompt) - model(data.image_b, data.prompt)
+
+
+def _accuracy(margins: torch.Tensor, target: torch.Tensor) -> tuple[float | None, int]:
+    decided = target != 0.5
+    if not bool(decided.any()):
+        return None, 0
+    correct = (margins[decided] > 0) == (target[decided] > 0.5)
+    return float(correct.float().mean()), int(decided.sum())
+
+
+def fit(model: BradleyTerryModel, data: _Data, *, steps: int, lr: float, l2: float) -> None:
+    """Full-batch Adam on the Bradley-Terry cross-entropy + l2 * ||weights||^2; standardisation from `data`."""
+    stacked = torch.cat([data.image_a, data.image_b])
+    model.image_mean.copy_(stacked.mean(0))
+    model.image_std.copy_(stacked.std(0).clamp_min(1e-4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = nn.functional.binary_cross_entropy_with_logits(_margins(model, data), data.target)
+        loss = loss + l2 * sum(p.pow(2).sum() for p in model.parameters())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def train_preference_model(
+    comparisons: list[Comparison],
+    features: str | FeatureExtractor = "shapes-describer",
+    *,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    rank: int = 8,
+    steps: int = 400,
+    lr: float = 1e-2,
+    l2: float = 1e-3,
+) -> tuple[BradleyTerryModel, FeatureExtractor, TrainingReport]:
+    """Fit on a random (1 - heldout_fraction) of the labelled pairs, report pairwise accuracy on the rest.
+
+    Raises:
+        PreferenceModelError: fewer than `MIN_COMPARISONS` comparisons, or a held-out fraction outside [0, 1).
+    """
+    comparisons = [c for c in comparisons if c.choice in TARGETS]
+    if len(comparisons) < MIN_COMPARISONS:
+        raise PreferenceModelError(f"a preference model needs at least {MIN_COMPARISONS} labelled comparisons (1, 2 or tie); got {len(comparisons)}")
+    if not 0 <= heldout_fraction < 1:
+        raise PreferenceModelError(f"held-out fraction {heldout_fraction} must be in [0, 1)")
+    extractor = build_features(features) if isinstance(features, str) else features
+    pairs = sorted({c.pair for c in comparisons})
+    random.Random(seed).shuffle(pairs)
+    heldout_pairs = set(pairs[: round(heldout_fraction * len(pairs))])
+    train_rows = [i for i, c in enumerate(comparisons) if c.pair not in heldout_pairs]
+    heldout_rows = [i for i, c in enumerate(comparisons) if c.pair in heldout_pairs]
+    data = _tensors(comparisons, extractor)
+    torch.manual_seed(seed)
+    model = BradleyTerryModel(data.image_a.shape[1], data.prompt.shape[1], rank)
+    fit(model, data.select(train_rows), steps=steps, lr=lr, l2=l2)
+    model.eval()
+    with torch.no_grad():
+        train_accuracy, _ = _accuracy(_margins(model, data.select(train_rows)), data.target[train_rows])
+        heldout_accuracy, decided, log_loss = None, 0, None
+        if heldout_rows:
+            held = data.select(heldout_rows)
+            margins = _margins(model, held)
+            heldout_accuracy, decided = _accuracy(margins, held.target)
+            log_loss = float(nn.functional.binary_cross_entropy_with_logits(margins, held.target))
+    report = TrainingReport(
+        features=extractor.name, comparisons=len(comparisons), pairs=len(pairs), train_comparisons=len(train_rows),
+        heldout_comparisons=len(heldout_rows), heldout_decided=decided, heldout_accuracy=heldout_accuracy,
+        heldout_log_loss=log_loss, train_accuracy=train_accuracy if train_accuracy is not None else float("nan"), seed=seed,
+    )  # fmt: skip
+    return model, extractor, report
+
+
+def save_preference_model(model: BradleyTerryModel, report: TrainingReport, path: str | Path) -> Path:
+    """One .safetensors file: the weights, and in its metadata the feature extractor's name and the report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "features": report.features, "rank": str(model.image_factor.out_features), "report": json.dumps(asdict(report))}
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(temporary), metadata=metadata)
+    temporary.replace(path)
+    return path
+
+
+class PreferenceModel:
+    """A saved preference model with its feature extractor: `scores(images, prompts)` -> (n,) float32."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"preference model {path} not found (write one with `ddpo preference train STORE --out {path}`)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line explanation
+            raise PreferenceModelError(f"{path} is not a safetensors file: {error}") from error
+        if metadata.get("format") != FORMAT:
+            raise PreferenceModelError(f"{path} is not a ddpo preference model (written by `ddpo preference train`)")
+        state = load_file(str(path))
+        self.path = path
+        self.report = json.loads(metadata["report"])
+        self.extractor = build_features(metadata["features"])
+        self.model = BradleyTerryModel(state["linear.weight"].shape[1], state["prompt_factor.weight"].shape[1], int(metadata["rank"]))
+        self.model.load_state_dict(state)
+        self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def scores(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        return self.model(self.extractor.images(images), self.extractor.prompts(prompts)).numpy().astype(np.float32)
+
+
+def pairwise_accuracy(model: PreferenceModel, comparisons: list[Comparison]) -> tuple[float | None, int]:
+    """Fraction of decided (non-tie) comparisons whose preferred image `model` scores higher, and their number."""
+    from .store import decode_png
+
+    decided = [c for c in comparisons if c.choice in ("1", "2")]
+    if not decided:
+        return None, 0
+    score_a = model.scores([decode_png(c.png_a) for c in decided], [c.prompt for c in decided])
+    score_b = model.scores([decode_png(c.png_b) for c in decided], [c.prompt for c in decided])
+    correct = [(a > b) == (c.choice == "1") for a, b, c in zip(score_a, score_b, decided)]
+    return float(np.mean(correct)), len(decided)
