@@ -304,3 +304,39 @@ def test_metadata_travels_as_json_and_what_json_cannot_carry_is_named():
         assert scores[0] == pytest.approx(helpers.mean_pixel(noise_images(1), ["a"], [{}]).scores[0] + 2.0)
         with pytest.raises(RewardError, match=r"raised TypeError: metadata value <object object at .*> \(object\) cannot be sent to a reward server as JSON"):
             remote(noise_images(1), ["a"], [{"thing": object()}])
+
+
+def multipart_body(fields: list[tuple[str, bool, bytes]], boundary: str = "ddpo-test-boundary-7f3a") -> tuple[bytes, str]:
+    """A multipart/form-data body of (name, is_file, data) fields, as browsers and HTTP libraries send it."""
+    parts = []
+    for index, (name, is_file, data) in enumerate(fields):
+        disposition = f'form-data; name="{name}"' + (f'; filename="{index}.png"' if is_file else "")
+        content_type = "image/png" if is_file else "application/json"
+        parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_requests_score_as_json_ones_and_bad_ones_are_refused():
+    reward = checked_reward("mean_pixel", helpers.mean_pixel)
+    images = noise_images(3, seed=5)
+    pngs = [base64.b64decode(encode_png(image)) for image in images]
+    assert any(b"\r\n" in png for png in pngs)  # raw binary parts, line breaks included, must survive the parser
+    metadata = [{"offset": 1}, {}, {"offset": 2}]
+    fields = [("images", True, png) for png in pngs] + [("prompts", False, b'["a", "b", "c"]'), ("metadata", False, json.dumps(metadata).encode())]
+    with running_server(reward) as (url, _):
+        status, answer = post(url, *multipart_body(fields))
+        assert status == 200, answer
+        np.testing.assert_array_equal(np.float32(answer["scores"]), helpers.mean_pixel(images, ["a"] * 3, metadata).scores)
+        bad = {
+            "no prompts": ([("images", True, pngs[0])], 400, "needs a 'prompts' field"),
+            "unknown field": ([("images", True, pngs[0]), ("prompts", False, b'["a"]'), ("pickle", False, b"x")], 400, "unknown multipart field 'pickle'"),
+            "prompts not JSON": ([("images", True, pngs[0]), ("prompts", False, b"a cat")], 400, "the multipart field 'prompts' is not JSON"),
+            "corrupt PNG": ([("images", True, pngs[0][:100]), ("prompts", False, b'["a"]')], 400, "images[0] is not a readable PNG"),
+            "wrong-length prompts": ([("images", True, pngs[0]), ("prompts", False, b'["a", "b"]')], 400, "got 1 images, 2 prompts"),
+        }
+        for case, (case_fields, expected_status, message) in bad.items():
+            status, answer = post(url, *multipart_body(case_fields))
+            assert (status, case) == (expected_status, case) and message in answer["detail"], (case, answer)
+        status, answer = post(url, multipart_body(fields)[0], "multipart/form-data")
+        assert status == 400 and answer["detail"] == "the multipart/form-data content type has no boundary"
+        assert post(url, *multipart_body(fields))[0] == 200  # still serving

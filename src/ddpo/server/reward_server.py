@@ -1,6 +1,6 @@
 """`ddpo serve-reward`: one reward behind HTTP (FastAPI on uvicorn), concurrent requests batched together.
 
-Every `POST /score` is validated and decoded in the request handler, then queued. One batching worker
+Every `POST /score` (JSON or multipart/form-data, see `protocol`) is validated and decoded in the request handler, then queued. One batching worker
 takes the queued requests (up to `max_batch_images` images, waiting at most `batch_wait_seconds` for more
 to arrive once the first is in) and scores them in one reward call, in a worker thread so that the server
 keeps accepting requests meanwhile; each request gets its own slice of the scores back. A batch whose
@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from ddpo.rewards.base import CheckedReward, RewardOutput
-from ddpo.server.protocol import RequestError, decode_request, jsonable
+from ddpo.server.protocol import RequestError, decode_multipart, decode_request, jsonable
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -229,15 +229,19 @@ def create_app(reward: CheckedReward, *, token: str | None = None, limits: Serve
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
                 return refuse("wrong bearer token", 401)
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            return refuse(f"content type {content_type or 'none'!r} is not supported: send application/json", 415)
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type not in ("application/json", "multipart/form-data"):
+            return refuse(f"content type {media_type or 'none'!r} is not supported: send application/json or multipart/form-data", 415)
         if size > limits.max_body_bytes:
             declared = request.headers.get("content-length", "")
             length = f"{int(declared)} bytes" if declared.isdigit() else "too long"
             return refuse(f"the body is {length}, over the server's limit of {limits.max_body_bytes} bytes", 413)
         try:
-            images, prompts, metadata = decode_request(bytes(body), limits.max_request_images)
+            if media_type == "application/json":
+                images, prompts, metadata = decode_request(bytes(body), limits.max_request_images)
+            else:
+                images, prompts, metadata = decode_multipart(bytes(body), content_type, limits.max_request_images)
         except RequestError as error:
             return refuse(str(error), error.status)
         service.stats.requests += 1
