@@ -24,6 +24,10 @@ def main(model_dir: str, prompt_file: str, out: str, batch_size: int) -> None:
             "prompts.file": f'"{prompt_file}"',
             "train.stat_min_count": 3,
             "train.lr": 1e-2,
+            # Adam's first steps move every weight by about lr * sign(gradient), so a weight whose gradient is ~1e-10
+            # (float rounding of a sum taken in another order) would jump by +-lr; an epsilon above that noise keeps
+            # the comparison of 1- and 2-process weights about the gradients, not about rounding.
+            "train.adam_epsilon": 1e-4,
         },
     )
     config = load_config("sd_compressibility", overrides)

@@ -38,6 +38,21 @@ def test_stat_tracker_interleaved_prompts_keep_sample_order() -> None:
     torch.testing.assert_close(advantages, torch.tensor([-1.0, -1.0, 1.0, 1.0]), atol=1e-5, rtol=0)
 
 
+def test_stat_tracker_with_global_std_centres_per_prompt_but_scales_by_the_batch() -> None:
+    tracker = PerPromptStatTracker(buffer_size=8, min_count=1, global_std=True)
+    # "a" is all-but-flat (0.70, 0.72: own std 0.01), "b" is bimodal (0, 1). Batch std of (0.70, 0.72, 0, 1)
+    # is sqrt(mean of squares - square of mean) = 0.368...; "a" keeps small advantages instead of +-1.
+    rewards = torch.tensor([0.70, 0.72, 0.0, 1.0], dtype=torch.float64)
+    batch_std = rewards.std(unbiased=False)
+    advantages = tracker.update(["a", "a", "b", "b"], rewards)
+    expected = torch.stack([-0.01 / batch_std, 0.01 / batch_std, -0.5 / batch_std, 0.5 / batch_std])
+    torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)  # the tracker adds 1e-6 to the std
+    assert advantages[:2].abs().max() < 0.03 and advantages[2:].abs().min() > 1.3
+    # Without it, each prompt's own std makes both +-1.
+    plain = PerPromptStatTracker(buffer_size=8, min_count=1).update(["a", "a", "b", "b"], rewards)
+    torch.testing.assert_close(plain, torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64), atol=1e-4, rtol=0)
+
+
 def test_stat_tracker_state_dict_round_trip_continues_identically() -> None:
     history = [(["a", "b", "a"], torch.tensor([0.3, 0.7, 0.1])), (["b", "c"], torch.tensor([0.9, 0.2]))]
     next_prompts, next_rewards = ["a", "b", "c", "c"], torch.tensor([0.5, 0.4, 0.8, 0.6])

@@ -142,7 +142,8 @@ class TrainConfig:
     per step: ||mu_theta - mu_ref||^2 / (2 std^2) for the Gaussian steps (Flow-GRPO's beta, DPOK), and
     mean ||v - v_ref||^2 for fdfo. 0 = off. Needs model.use_lora; one more model pass per trained step."""
     global_std: bool = False
-    """flow_grpo: divide by the std of the whole epoch's rewards instead of each group's (the paper's option)."""
+    """Divide by the std of the whole epoch's rewards instead of each group's (flow_grpo, the paper's option) or
+    each prompt's running std (ddpo_is / ddpo_sf with per-prompt tracking; the mean stays the prompt's own)."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     max_grad_norm: float = 1.0

@@ -227,11 +227,11 @@ class Trainer:
         chunk = config.train.timestep_chunk or sizes["num_train_timesteps"]
         kl_weight = config.train.kl_weight
         for inner in range(config.train.inner_epochs):
-            generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", epoch, inner, self.accelerator.process_index))
-            order = torch.randperm(num_samples, generator=generator)
-            # Each sample trains on its own random subset of steps (timestep_fraction), as in ddpo-pytorch.
-            steps = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_samples)])[:, : sizes["num_train_timesteps"]]
-            minibatches = order.split(config.train.batch_size)
+            minibatches = self._minibatches(epoch, inner, num_samples)
+            # Each sample trains on its own random subset of steps (timestep_fraction), as in ddpo-pytorch, drawn
+            # from its global index so that it does not depend on the number of processes.
+            step_generators = generators_for(config.seed, f"timesteps/{inner}", epoch, samples.indices.tolist())
+            steps = torch.stack([torch.randperm(num_steps, generator=g) for g in step_generators])[:, : sizes["num_train_timesteps"]]
             for minibatch in tqdm(minibatches, desc=f"epoch {epoch}.{inner} training", disable=not self.progress, leave=False):
                 part = trajectory.select(minibatch)
                 part_steps = steps[minibatch].to(part.latents.device)
@@ -268,6 +268,22 @@ class Trainer:
         means = {name: torch.stack(values).mean() for name, values in totals.items()}
         reduced = {name: float(self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")) for name, value in means.items()}
         return reduced, time.perf_counter() - started
+
+    def _minibatches(self, epoch: int, inner: int, num_samples: int) -> list[torch.Tensor]:
+        """This process's minibatches (positions into its samples) for one inner epoch.
+
+        When a minibatch is a whole sampling batch (`train.batch_size == sample.batch_size`), minibatches are
+        the sampling batches in an order shared by every process, so the k-th optimizer step of a W-process run
+        averages exactly the samples of the k-th step of a 1-process run with W times the batch: the run does not
+        depend on the number of processes. Otherwise samples are shuffled within each process.
+        """
+        config = self.config
+        batch = config.sample.batch_size
+        if config.train.batch_size == batch and num_samples % batch == 0:
+            generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle-batches", epoch, inner))
+            return [torch.arange(k * batch, (k + 1) * batch) for k in torch.randperm(num_samples // batch, generator=generator).tolist()]
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", epoch, inner, self.accelerator.process_index))
+        return list(torch.randperm(num_samples, generator=generator).split(config.train.batch_size))
 
     def evaluate(self, epoch: int) -> bool:
         """The periodic evaluation (`ddpo.monitor`) on the main process; True on every process when its

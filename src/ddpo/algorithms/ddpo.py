@@ -39,16 +39,16 @@ class _DDPOAdvantages(GaussianStepAlgorithm):
     """Advantages shared by both estimators: per-prompt or global normalisation, then clipping."""
 
     def __init__(
-        self, *, adv_clip_max: float, per_prompt_stat_tracking: bool, buffer_size: int, min_count: int
+        self, *, adv_clip_max: float, per_prompt_stat_tracking: bool, buffer_size: int, min_count: int, global_std: bool = False
     ) -> None:
         self.adv_clip_max = adv_clip_max
-        self.stat_tracker = PerPromptStatTracker(buffer_size, min_count) if per_prompt_stat_tracking else None
+        self.stat_tracker = PerPromptStatTracker(buffer_size, min_count, global_std) if per_prompt_stat_tracking else None
 
     @staticmethod
     def _advantage_options(train: Any) -> dict[str, Any]:
         return dict(
             adv_clip_max=train.adv_clip_max, per_prompt_stat_tracking=train.per_prompt_stat_tracking,
-            buffer_size=train.stat_buffer_size, min_count=train.stat_min_count,
+            buffer_size=train.stat_buffer_size, min_count=train.stat_min_count, global_std=train.global_std,
         )  # fmt: skip
 
     def advantages(self, rewards: Tensor, prompts: list[str]) -> Tensor:
@@ -87,12 +87,14 @@ class DDPOImportanceSampling(_DDPOAdvantages):
         per_prompt_stat_tracking: bool,
         buffer_size: int,
         min_count: int,
+        global_std: bool = False,
     ) -> None:
         super().__init__(
             adv_clip_max=adv_clip_max,
             per_prompt_stat_tracking=per_prompt_stat_tracking,
             buffer_size=buffer_size,
             min_count=min_count,
+            global_std=global_std,
         )
         self.clip_range = clip_range
 

@@ -27,11 +27,17 @@ class PerPromptStatTracker:
     Every prompt keeps its last `buffer_size` rewards. A prompt with fewer than `min_count` buffered rewards
     is normalised by the statistics of the whole current batch instead, so new prompts still get sensible
     advantages. Statistics are computed in float64 and the std is the population std (numpy's `np.std`).
+
+    With `global_std`, each prompt's rewards are centred on its own buffer's mean but divided by the std of
+    the whole current batch: a prompt whose rewards barely differ (all samples wrong in slightly different
+    ways, under a near-binary reward) then gets small advantages instead of having its noise blown up to
+    unit scale (Flow-GRPO's option, applied to DDPO's running statistics).
     """
 
-    def __init__(self, buffer_size: int, min_count: int) -> None:
+    def __init__(self, buffer_size: int, min_count: int, global_std: bool = False) -> None:
         self.buffer_size = buffer_size
         self.min_count = min_count
+        self.global_std = global_std
         self.buffers: dict[str, deque[float]] = {}
 
     def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
@@ -58,6 +64,8 @@ class PerPromptStatTracker:
             else:
                 history = torch.tensor(buffer, dtype=torch.float64)
                 mean, std = history.mean(), history.std(unbiased=False)
+            if self.global_std:
+                std = batch_std
             advantages[index] = (rewards_fp64[index] - mean) / (std + EPSILON)
         return advantages.to(device=rewards.device, dtype=rewards.dtype)
 
