@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -170,7 +171,6 @@ def test_a_failing_request_fails_alone_in_its_batch():
 
 
 def test_remote_retries_with_backoff_then_names_the_server_and_why():
-    import socket
 
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -235,6 +235,15 @@ def test_serve_reward_cli_refuses_bad_input_in_one_line():
     assert result.output.strip().splitlines()[-1] .startswith("ddpo: error: unknown reward 'jpeg_compressability' (did you mean 'jpeg_compressibility'?)")
     result = CliRunner().invoke(main, ["serve-reward", "--reward", "jpeg_compressibility", "--kwargs", "[1]"])
     assert result.exit_code == 2 and "--kwargs must be a JSON object" in result.output
+    result = CliRunner().invoke(main, ["serve-reward", "--reward", "clip_score", "--kwargs", '{"model": "/no/such/clip"}'])
+    assert result.exit_code == 2 and "ddpo: error: reward 'clip_score' cannot load its CLIP model from '/no/such/clip'" in result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve-reward", "--reward", "jpeg_compressibility", "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"ddpo: error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
 
 
 def test_a_refused_large_batch_gets_the_message_not_a_broken_pipe():

@@ -280,7 +280,10 @@ def serve_reward(reward_name: str, reward_kwargs: str, host: str, port: int, tok
         click.echo(f"ddpo: warning: serving on {host} without --token: anyone who can reach it can use the reward", err=True)
     limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_request_images=max_request_images, max_batch_images=max_batch)
     click.echo(f"serving reward {reward.name!r} on http://{host}:{port} (POST /score, GET /health)", err=True)
-    serve(reward, host=host, port=port, token=token, limits=limits)
+    try:
+        serve(reward, host=host, port=port, token=token, limits=limits)
+    except OSError as error:
+        raise UserError(str(error)) from error
 
 
 @main.group()

@@ -1,15 +1,16 @@
 """`ddpo serve-reward`: one reward behind HTTP (FastAPI on uvicorn), concurrent requests batched together.
 
-Every `POST /score` (JSON or multipart/form-data, see `protocol`) is validated and decoded in the request handler, then queued. One batching worker
-takes the queued requests (up to `max_batch_images` images, waiting at most `batch_wait_seconds` for more
-to arrive once the first is in) and scores them in one reward call, in a worker thread so that the server
-keeps accepting requests meanwhile; each request gets its own slice of the scores back. A batch whose
-reward call fails is scored again request by request, so that one bad request fails alone.
+Every `POST /score` (JSON or multipart/form-data, see `protocol`) is validated and decoded in the request
+handler, then queued. One batching worker takes the queued requests (up to `max_batch_images` images,
+waiting at most `batch_wait_seconds` for more to arrive once the first is in) and scores them in one reward
+call, in a worker thread so that the server keeps accepting requests meanwhile; each request gets its own
+slice of the scores back. A batch whose reward call fails is scored again request by request, so that one
+bad request fails alone.
 
 Safety: binds 127.0.0.1 unless told otherwise; with a token, every request but `GET /health` needs
 `Authorization: Bearer TOKEN`; bodies over `max_body_bytes` (never held in memory) and requests over
-`max_request_images` are refused before decoding; images are PNG only, their pixel count bounded; nothing is unpickled.
-Refusals are 4xx with `{"detail": "one line"}`; a failing reward is a 500 naming it.
+`max_request_images` are refused before decoding; images are PNG only, their pixel count bounded; nothing
+is unpickled. Refusals are 4xx with `{"detail": "one line"}`; a failing reward is a 500 naming it.
 """
 
 from __future__ import annotations
@@ -255,7 +256,23 @@ def create_app(reward: CheckedReward, *, token: str | None = None, limits: Serve
 
 
 def serve(reward: CheckedReward, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, limits: ServerLimits | None = None) -> None:
-    """Serve `reward` until interrupted."""
+    """Serve `reward` until interrupted.
+
+    Raises:
+        OSError: `host:port` cannot be listened on (e.g. already in use), before anything is served.
+    """
+    import socket
+
     import uvicorn
 
-    uvicorn.run(create_app(reward, token=token, limits=limits), host=host, port=port, log_level="warning", access_log=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+    config = uvicorn.Config(create_app(reward, token=token, limits=limits), log_level="warning", access_log=False)
+    with listener:
+        uvicorn.Server(config).run(sockets=[listener])
