@@ -171,7 +171,6 @@ def test_a_failing_request_fails_alone_in_its_batch():
 
 
 def test_remote_retries_with_backoff_then_names_the_server_and_why():
-
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
