@@ -1,5 +1,6 @@
-"""Training against a reward served over HTTP: the same metrics as in process for the same seed, and a
-server killed mid-run makes the trainer retry, then stop with a message naming the server (no silent zeros)."""
+"""Training against a reward served over HTTP: the same metrics as in process for the same seed; a server
+killed mid-run makes the trainer retry, then stop with a message naming the server (no silent zeros), and the
+run resumes against a new server."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_shapes_run_with_the_reward_over_http_equals_the_in_process_run(tmp_path
     assert served_metrics[1]["approx_kl"] != 0  # the policy moved: epoch 2 sampled from trained weights
 
 
-def test_killing_the_server_mid_run_makes_training_retry_then_fail_clearly(tiny_pipeline_dir, tmp_path):
+def test_killing_the_server_mid_run_makes_training_retry_then_fail_clearly_then_resume_elsewhere(tiny_pipeline_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(
@@ -115,6 +116,16 @@ def test_killing_the_server_mid_run_makes_training_retry_then_fail_clearly(tiny_
     assert "ConnectionRefusedError" in message and " on prompt '" in message
     assert time.monotonic() - started > 0.6  # it waited 0.2 s + 0.4 s before its retries
     assert [record["epoch"] for record in metrics_of(out)] == [1]  # epoch 2 never recorded, no zero rewards
+
+    # A server started again elsewhere: the run resumes from its epoch-1 checkpoint with the new address.
+    from reward_server_helpers import running_server
+
+    from ddpo.rewards import build_reward
+
+    with running_server(build_reward("jpeg_compressibility")) as (new_url, _):
+        result = CliRunner().invoke(main, ["train", "--resume", str(out), "--no-progress", "--set", f'reward.url="{new_url}"'])
+    assert result.exit_code == 0, result.output
+    assert [record["epoch"] for record in metrics_of(out)] == [1, 2]
 
 
 def test_weighted_terms_one_of_them_served_are_each_logged_in_the_metrics(tiny_pipeline_dir, tmp_path):

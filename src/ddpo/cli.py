@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 DEFAULT_PRESET = "shapes/default"
-# Keys a resumed run may change: how long it runs and how it logs, not what the checkpoint holds.
-RESUMABLE_OVERRIDES = ("train.epochs=", "train.early_stop", "log.")
+# Keys a resumed run may change: how long it runs, how it logs and where its reward server is, not what the
+# checkpoint holds.
+RESUMABLE_OVERRIDES = ("train.epochs=", "train.early_stop", "log.", "reward.url=")
 
 
 class UserError(click.ClickException):
