@@ -374,7 +374,7 @@ def label() -> None:
 
 
 @label.command("serve")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback, put it behind TLS.")
 @click.option("--port", default=8766, show_default=True, type=int)
 def label_serve(store: str, host: str, port: int) -> None:
@@ -394,7 +394,7 @@ def label_serve(store: str, host: str, port: int) -> None:
 
 
 @label.command("add-labeller")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.argument("name")
 @click.option("--replace", is_flag=True, help="Give an existing labeller a new token (the old one stops working).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Host of the link printed.")
@@ -409,7 +409,7 @@ def label_add_labeller(store: str, name: str, replace: bool, host: str, port: in
 
 
 @label.command("add-pairs")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A run directory: same-prompt pairs from its sample grid.")
 @click.option("--epoch", type=int, help="With --run: the grid of this epoch (default: the last).")
 @click.option("--file", "pairs_file", type=click.Path(dir_okay=False), help='JSONL, one {"prompt", "image_a", "image_b"} per line.')
@@ -428,7 +428,7 @@ def label_add_pairs(store: str, run_dir: str | None, epoch: int | None, pairs_fi
 
 
 @label.command("export")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--no-images", is_flag=True, help="Leave the PNGs out (the importing store must already hold them).")
 def label_export(store: str, out: str, no_images: bool) -> None:
@@ -441,7 +441,7 @@ def label_export(store: str, out: str, no_images: bool) -> None:
 
 
 @label.command("import")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.argument("jsonl", type=click.Path(dir_okay=False))
 def label_import(store: str, jsonl: str) -> None:
     """Merge the labels of an export into STORE (created if new); labels already there are not duplicated."""
@@ -455,7 +455,7 @@ def label_import(store: str, jsonl: str) -> None:
 
 
 @label.command("status")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 def label_status(store: str) -> None:
     """Pairs, labelled pairs and labels per labeller (JSON)."""
     import json
@@ -469,7 +469,7 @@ def preference() -> None:
 
 
 @preference.command("train")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the model (.safetensors).")
 @click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL' (hub id or directory).")
 @click.option("--heldout", default=0.2, show_default=True, type=float, help="Fraction of pairs held out to measure pairwise accuracy.")
