@@ -173,3 +173,17 @@ def test_yes_no_words_must_be_single_tokens(llava_dir):
 def test_a_model_reward_failure_names_reward_and_prompt(model_rewards):
     with pytest.raises(RewardError, match=r"^reward 'clip_score' raised .* on prompt 'a cat'"):
         model_rewards["clip_score"][0]([object()], ["a cat"], [{}])
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "clip_score", "vlm_yes_no"])
+def test_half_precision_runs_and_stays_close_to_float32(model_rewards, clip_dir, llava_dir, head_path, name):
+    """dtype="bfloat16" (what a GPU would use as float16) loads the model in it and feeds it pixels in it."""
+    kwargs = {"aesthetic": {"model": str(clip_dir), "head": str(head_path)}, "clip_score": {"model": str(clip_dir)}, "vlm_yes_no": {"model": str(llava_dir)}}[name]
+    half = build_reward(name, device="cpu", dtype="bfloat16", **kwargs)
+    pictures = images()
+    full_scores = model_rewards[name][0](pictures, PROMPTS, [{}] * 5).scores
+    half_scores = half(pictures, PROMPTS, [{}] * 5).scores
+    assert half_scores.dtype == np.float32 and np.isfinite(half_scores).all()
+    scale = {"aesthetic": 1.0, "clip_score": 100.0, "vlm_yes_no": 1.0}[name]
+    assert np.abs(half_scores - full_scores).max() < 0.05 * scale
+    assert not np.array_equal(half_scores, full_scores)  # it did run in another precision
