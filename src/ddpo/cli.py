@@ -328,8 +328,9 @@ def toy_pretrain(work: str, seed: int, unet_steps: int | None) -> None:
 @click.option("--seeds", default=8, show_default=True, help="Seeds per prompt.")
 @click.option("--steps", default=20, show_default=True)
 @click.option("--guidance", default=3.0, show_default=True)
+@click.option("--per-prompt", is_flag=True, help="Also report every prompt's exact match, and every unusual pair's.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON here.")
-def toy_evaluate(model: str, lora: str | None, judge: str | None, seeds: int, steps: int, guidance: float, out: str | None) -> None:
+def toy_evaluate(model: str, lora: str | None, judge: str | None, seeds: int, steps: int, guidance: float, per_prompt: bool, out: str | None) -> None:
     """Judge exact match on common, unusual-train and unusual-held-out prompts (JSON)."""
     _quiet_libraries()
     import json
@@ -342,7 +343,7 @@ def toy_evaluate(model: str, lora: str | None, judge: str | None, seeds: int, st
     try:
         adapter = resolve_adapter_dir(lora) if lora else None
         judge_path = judge or WEIGHTS_DIR / "judge.safetensors"
-        result = judge_exact_match(resolve_model(model), judge_path, seeds=seeds, num_steps=steps, guidance_scale=guidance, lora_dir=adapter)
+        result = judge_exact_match(resolve_model(model), judge_path, seeds=seeds, num_steps=steps, guidance_scale=guidance, lora_dir=adapter, per_prompt=per_prompt)
     except _user_errors() as error:
         raise UserError(str(error)) from error
     text = json.dumps({"model": model, "lora": str(adapter) if adapter else None, "seeds": seeds, "judge_exact_match": result}, indent=2)
@@ -474,7 +475,8 @@ def preference() -> None:
 @click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL' (hub id or directory).")
 @click.option("--heldout", default=0.2, show_default=True, type=float, help="Fraction of pairs held out to measure pairwise accuracy.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def preference_train(store: str, out: str, features: str, heldout: float, seed: int) -> None:
+@click.option("--l2", default=3e-2, show_default=True, type=float, help="L2 penalty on the weights (more: less confident, less overfit).")
+def preference_train(store: str, out: str, features: str, heldout: float, seed: int, l2: float) -> None:
     """Fit a Bradley-Terry model on STORE's labels; prints the held-out pairwise accuracy (JSON)."""
     _quiet_libraries()
     import json
@@ -483,7 +485,7 @@ def preference_train(store: str, out: str, features: str, heldout: float, seed: 
     from .preference.model import PreferenceModelError, save_preference_model, train_preference_model
 
     try:
-        model, _, report = train_preference_model(_open_store(store).comparisons(), features, heldout_fraction=heldout, seed=seed)
+        model, _, report = train_preference_model(_open_store(store).comparisons(), features, heldout_fraction=heldout, seed=seed, l2=l2)
         save_preference_model(model, report, out)
     except (PreferenceModelError, ValueError, *_label_errors()) as error:
         raise UserError(str(error)) from error

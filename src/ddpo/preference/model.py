@@ -129,7 +129,7 @@ def train_preference_model(
     rank: int = 8,
     steps: int = 400,
     lr: float = 1e-2,
-    l2: float = 1e-3,
+    l2: float = 3e-2,
 ) -> tuple[BradleyTerryModel, FeatureExtractor, TrainingReport]:
     """Fit on a random (1 - heldout_fraction) of the labelled pairs, report pairwise accuracy on the rest.
 
