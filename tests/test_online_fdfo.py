@@ -116,6 +116,17 @@ def test_human_choice_waits_for_labels_and_gives_up_after_the_timeout(tmp_path):
     assert output.info["labelled"].tolist() == [1.0] * 6 and output.info["decided"].tolist() == [1, 1, 1, 1, 0, 0]
 
 
+def test_human_choice_refuses_bad_kwargs_with_one_line(tmp_path):
+    from ddpo.rewards import RewardError
+
+    with pytest.raises(RewardError, match="timeout >= 0"):
+        build_reward("human_choice", store=str(tmp_path / "labels.db"), timeout=-1)
+    with pytest.raises(RewardError, match="is a directory"):
+        build_reward("human_choice", store=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_reward("human_choice", store=str(tmp_path / "missing" / "labels.db"))
+
+
 def test_human_choice_refuses_samples_that_are_not_same_prompt_pairs(tmp_path):
     reward = build_reward("human_choice", store=str(tmp_path / "labels.db"), timeout=0)
     pair = rendered_pairs(1, seed=0)[0]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from ddpo.cli import main
 from ddpo.preference.model import PreferenceModel, PreferenceModelError, pairwise_accuracy, train_preference_model
 from ddpo.preference.store import Comparison, LabelStore, png_bytes
-from ddpo.rewards import build_reward, check_reward
+from ddpo.rewards import RewardError, build_reward, check_reward
 from ddpo.toyworld.labeller import FewerObjects, PrefersColor, ScriptedLabeller, rendered_pairs
 from ddpo.toyworld.render import Scene, render
 
@@ -102,7 +102,7 @@ def test_bad_input_is_one_clear_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="preference model .*missing.safetensors not found"):
         build_reward(f"preference:{tmp_path / 'missing.safetensors'}")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(PreferenceModelError, match="is not a safetensors file"):
+    with pytest.raises(RewardError, match="reward preference:.*junk.safetensors: .*is not a safetensors file"):
         build_reward(f"preference:{tmp_path / 'junk.safetensors'}")
     with pytest.raises(PreferenceModelError, match="at least 10 labelled comparisons"):
         train_preference_model(fresh_comparisons(lambda p: "skip", 30, seed=0))

@@ -23,16 +23,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddpo.rewards.base import Reward, RewardOutput, register_reward
+from ddpo.rewards.base import Reward, RewardError, RewardOutput, register_reward
 
 
 @register_reward("preference", path_argument="path")
 def preference(path: str) -> Reward:
     """Reward = the preference model's score s(image, prompt) (a logit: s_a - s_b is the log-odds that a
     person prefers a). Named `preference:PATH` in configs."""
-    from ddpo.preference.model import PreferenceModel
+    from ddpo.preference.model import PreferenceModel, PreferenceModelError
 
-    model = PreferenceModel(path)
+    try:
+        model = PreferenceModel(path)
+    except PreferenceModelError as error:
+        raise RewardError(f"reward preference:{path}: {error}") from error
 
     def reward(images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
         return RewardOutput(model.scores(images, prompts))
@@ -51,13 +54,16 @@ class HumanChoice:
     """The `human_choice` reward (module docstring); `store` is the label store's file."""
 
     def __init__(self, store: str, timeout: float = 600.0, scale: float = 1.0, priority: int = 1, poll_seconds: float = 0.5) -> None:
-        from ddpo.preference.store import LabelStore
+        from ddpo.preference.store import LabelStore, LabelStoreError
 
         if timeout < 0 or scale <= 0 or poll_seconds <= 0:
-            raise ValueError(f"human_choice needs timeout >= 0, scale > 0 and poll_seconds > 0; got {timeout}, {scale}, {poll_seconds}")
+            raise RewardError(f"human_choice needs reward.kwargs timeout >= 0, scale > 0 and poll_seconds > 0; got {timeout}, {scale}, {poll_seconds}")
         if not Path(store).parent.is_dir():
             raise FileNotFoundError(f"human_choice: the directory of the label store {store} does not exist (reward.kwargs.store)")
-        self.store = LabelStore(store)
+        try:
+            self.store = LabelStore(store)
+        except LabelStoreError as error:
+            raise RewardError(f"human_choice: {error} (reward.kwargs.store)") from error
         self.timeout, self.scale, self.priority, self.poll_seconds = timeout, scale, priority, poll_seconds
 
     def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
