@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from ddpo.cli import main
-from ddpo.preference.store import LabelStore
+from ddpo.preference.store import LabelStore, image_hash, pair_id, png_bytes
 from ddpo.rewards import build_reward
 from ddpo.rewards.preference import vote
 from ddpo.toyworld.labeller import FewerObjects, ScriptedLabeller, label_over_http, rendered_pairs
@@ -89,9 +89,12 @@ def test_human_choice_waits_for_labels_and_gives_up_after_the_timeout(tmp_path):
     output = reward(images, prompts, [{}] * 6)
     assert 0.3 <= time.monotonic() - started < 5
     assert output.scores.tolist() == [0.0] * 6 and output.info["labelled"].tolist() == [0.0] * 6
+    # The pairs it stopped waiting for now queue behind any new batch.
+    store = LabelStore(store_path)
+    ids = [pair_id(p.prompt, image_hash(png_bytes(p.image_a)), image_hash(png_bytes(p.image_b))) for p in pairs]
+    assert [store.pair(i).priority for i in ids] == [0, 0, 0]
 
     # A person labels the three pairs: first image, second image, tie -> dR signs +, -, 0.
-    store = LabelStore(store_path)
     store.add_labeller("ann")
     answers = iter(["1", "2", "tie"])
 

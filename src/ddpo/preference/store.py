@@ -247,6 +247,12 @@ class LabelStore:
                 ids.append(identifier)
         return ids
 
+    def set_priority(self, pairs: Sequence[str], priority: int) -> None:
+        """Move pairs up or down the queue (the online trainer lowers the pairs it stopped waiting for, so that
+        its next batch is shown before them)."""
+        with self._transaction() as connection:
+            connection.executemany("UPDATE pairs SET priority = ? WHERE id = ?", [(priority, identifier) for identifier in pairs])
+
     def pair(self, identifier: str) -> Pair:
         rows = self._query("SELECT id, prompt, image_a, image_b, source, batch, priority, metadata FROM pairs WHERE id = ?", (identifier,))
         if not rows:

@@ -7,7 +7,7 @@
   them first; the call waits until every pair has a label or `timeout` seconds have passed, then scores each
   labelled pair +scale / -scale (chosen / other), so that FDFO's dR = (R1 - R2) / 2 is +-scale: the human
   choice is the sign of dR. Ties, skips and pairs nobody labelled in time score 0 / 0 (dR = 0), and training
-  carries on with what was labelled. Several labellers on one pair: the majority of their 1s and 2s.
+  carries on with what was labelled; the unlabelled pairs move behind the next batch's in the app's queue. Several labellers on one pair: the majority of their 1s and 2s.
   The labels stay in the store for the preference model.
 
 The trainer scores each sampling batch in a thread while the next batch samples, so the wait is per batch;
@@ -78,6 +78,8 @@ class HumanChoice:
             if all(choices[i] for i in ids) or waited >= self.timeout:
                 break
             time.sleep(min(self.poll_seconds, max(self.timeout - waited, 0.0)))
+        # Pairs nobody labelled in time stay labellable (for the preference model) but behind the next batch's.
+        self.store.set_priority([i for i in ids if not choices[i]], 0)
         signs = np.array([vote(choices[i]) for i in ids], dtype=np.float32)
         scores = np.stack([signs, -signs], axis=1).reshape(-1) * np.float32(self.scale)
         labelled = np.repeat(np.array([float(bool(choices[i])) for i in ids], dtype=np.float32), 2)
