@@ -335,6 +335,9 @@ class Trainer:
             "reward_wait_seconds": samples.reward_wait_seconds,
             "train_seconds": train_seconds,
         }
+        rss = resident_memory_mb()
+        if rss is not None:
+            record["rss_mb"] = rss  # this process's resident memory after the epoch: a leak shows as a rising line
         record.update({k: v for k, v in train_metrics.items() if k not in record})
         record.update({f"reward_{k}": v for k, v in samples.reward_info.items()})
         save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs or new_best or stop
@@ -464,9 +467,21 @@ def _merge_info(infos: list[dict]) -> dict[str, float]:
     return {key: float(np.concatenate(values).mean()) for key, values in merged.items()}
 
 
+def resident_memory_mb() -> float | None:
+    """This process's resident set size (VmRSS) in MiB, from /proc; None where there is no /proc (macOS, Windows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
 def _tracker_metrics(record: dict) -> dict[str, float]:
-    """Namespaced names for trackers: reward/..., losses/..., time/..."""
-    names = {"reward_mean": "reward/mean", "reward_std": "reward/std", "samples": "charts/samples"}
+    """Namespaced names for trackers: reward/..., losses/..., time/..., memory/..."""
+    names = {"reward_mean": "reward/mean", "reward_std": "reward/std", "samples": "charts/samples", "rss_mb": "memory/rss_mb"}
     out = {}
     for key, value in record.items():
         if key == "epoch" or not isinstance(value, (int, float)):
