@@ -13,14 +13,16 @@ from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("distributed_worker.py")
+# The CPU launch recipe of docs/scaling.md: these tests are what checks that it launches.
+CPU_CONFIG = Path(__file__).parents[1] / "src" / "ddpo" / "configs" / "accelerate" / "cpu_2proc.yaml"
 
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 
 
 def accelerate_launch(num_processes: int, port: int = 29533) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+            "--num_processes", str(num_processes), "--main_process_port", str(port)]  # fmt: skip
 
 
 def launch(num_processes: int, model_dir, prompt_file, out: Path, batch_size: int) -> None:
