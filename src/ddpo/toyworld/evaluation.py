@@ -8,13 +8,15 @@ import numpy as np
 import torch
 
 from .recognizers import load_recognizer
-from .render import COMMON, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, parse_caption, prompts_for
+from .render import COMMON, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, parse_caption, prompts_for
 
 PROMPT_GROUPS: dict[str, list[str]] = {
     "common": prompts_for(COMMON),
     "unusual_train": prompts_for(UNUSUAL_TRAIN),
     "unusual_heldout": prompts_for(UNUSUAL_HELDOUT),
 }
+# Every unusual pair, for the per-pair table that chose the RL halves (`ddpo toy evaluate --per-prompt`).
+UNUSUAL_OTHER = [p for p in prompts_for(UNUSUAL) if p not in PROMPT_GROUPS["unusual_train"] + PROMPT_GROUPS["unusual_heldout"]]
 EVAL_SEED_OFFSET = 10_000  # evaluation seeds never coincide with the seeds of a training grid
 
 
@@ -36,12 +38,15 @@ def judge_exact_match(
     lora_dir: str | Path | None = None,
     groups: dict[str, list[str]] | None = None,
     flow: bool = False,
-) -> dict[str, float]:
+    per_prompt: bool = False,
+) -> dict:
     """Judge exact match per prompt group: every prompt x `seeds` fixed seeds, sampled like training does.
 
     Sampling uses the policy's DDIM sampler (eta 1 by default, the stochastic policy that RL trains), so
     base and fine-tuned models are compared on identical noise. With `flow=True` the pipeline is the
-    flow-matching twin, sampled with the deterministic Euler sampler from the same initial noise.
+    flow-matching twin, sampled with the deterministic Euler sampler from the same initial noise. With
+    `per_prompt`, the result also holds `per_prompt` (every prompt's rate) and `per_pair` (every unusual
+    colour-shape pair's, over its three counts; the pairs outside both RL halves are sampled for it too).
     """
     from ..policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline
     from ..policy.stable_diffusion import native_image_size
@@ -53,8 +58,11 @@ def judge_exact_match(
     sampling = SamplingOptions(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, height=size, width=size)
     policy = None if flow else StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
     judge = load_recognizer(judge_path, "judge")
-    result = {}
-    for group, prompts in (groups or PROMPT_GROUPS).items():
+    groups = dict(groups or PROMPT_GROUPS)
+    if per_prompt:
+        groups["unusual_other"] = UNUSUAL_OTHER
+    result, prompt_rates = {}, {}
+    for group, prompts in groups.items():
         scores = []
         for seed in range(seeds):
             generators = [torch.Generator().manual_seed(EVAL_SEED_OFFSET + 1000 * seed + i) for i in range(len(prompts))]
@@ -64,6 +72,15 @@ def judge_exact_match(
                 images = policy.sample(prompts, generators).images
             scores.append(exact_match(judge, images, prompts))
         result[group] = round(float(np.mean(scores)), 4)
+        prompt_rates.update({p: round(float(r), 4) for p, r in zip(prompts, np.mean(scores, axis=0))})
+    if per_prompt:
+        pairs: dict[str, list[float]] = {}
+        for prompt, rate in prompt_rates.items():
+            scene = parse_caption(prompt)
+            if (scene.color, scene.shape) in UNUSUAL:
+                pairs.setdefault(f"{scene.color} {scene.shape}", []).append(rate)
+        result["per_pair"] = {pair: round(float(np.mean(rates)), 4) for pair, rates in pairs.items()}
+        result["per_prompt"] = prompt_rates
     return result
 
 
