@@ -67,7 +67,7 @@ def test_shapes_runs_evaluate_trained_and_heldout_unusual_prompts():
     prompts = eval_prompts_of(config)
     trained, heldout = prompts.of_group(TRAINED), prompts.of_group(HELDOUT)
     assert len(trained) == len(heldout) == 12
-    assert "a red triangle" in trained and "a red square" in heldout
+    assert "a yellow triangle" in trained and "a yellow circle" in heldout
     assert all(m["group"] == g for m, g in zip(prompts.metadata, prompts.groups))
 
 

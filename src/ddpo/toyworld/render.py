@@ -49,19 +49,23 @@ COMMON: tuple[tuple[str, str], ...] = (
 UNUSUAL: tuple[tuple[str, str], ...] = tuple(
     (color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in COMMON
 )
-# The RL experiment: train on one half of these unusual pairs, measure on the other, held-out half. Each shape
-# and each of red, green, blue and yellow appears once per half.
+# The RL experiment: train on one half of these unusual pairs, measure on the other, held-out half. The halves
+# are the pairs the shipped model draws right sometimes but not always (judge exact match, 8 seeds x 3 counts,
+# `ddpo toy evaluate --per-prompt`: 17-67% on the RL half, 17-63% held out), so that the policy gradient has
+# successes to reinforce: pairs never drawn (red triangle, green circle/cross, cyan square: 0-4%) give it none,
+# and pairs drawn right almost always (yellow square, green triangle, blue circle, red cross) leave no room.
+# Each shape appears once per half; yellow and magenta appear in both with different shapes.
 UNUSUAL_TRAIN: tuple[tuple[str, str], ...] = (
-    ("red", "triangle"),
-    ("green", "cross"),
-    ("blue", "circle"),
-    ("yellow", "square"),
+    ("yellow", "triangle"),
+    ("magenta", "circle"),
+    ("cyan", "cross"),
+    ("red", "square"),
 )
 UNUSUAL_HELDOUT: tuple[tuple[str, str], ...] = (
-    ("red", "square"),
-    ("green", "triangle"),
-    ("blue", "cross"),
     ("yellow", "circle"),
+    ("magenta", "triangle"),
+    ("blue", "cross"),
+    ("blue", "square"),
 )
 UNUSUAL_PRETRAIN_FRACTION = 0.008
 
