@@ -73,4 +73,5 @@ def test_ddpo_is_on_jpeg_compressibility_raises_the_reward(tmp_path):
     base, trained = paired_rewards(out, "jpeg_compressibility", JPEG_PROMPTS, seeds=8)
     gain = trained - base
     standard_error = gain.std(ddof=1) / len(gain) ** 0.5
+    print(f"jpeg_compressibility base {base.mean():.4f} trained {trained.mean():.4f} gain {gain.mean():.4f} = {gain.mean() / standard_error:.1f} SE")
     assert gain.mean() > 3 * standard_error, (base.mean(), trained.mean(), standard_error)
