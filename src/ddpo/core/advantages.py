@@ -63,9 +63,8 @@ class PerPromptStatTracker:
                 mean, std = batch_mean, batch_std
             else:
                 history = torch.tensor(buffer, dtype=torch.float64)
-                mean, std = history.mean(), history.std(unbiased=False)
-            if self.global_std:
-                std = batch_std
+                mean = history.mean()
+                std = batch_std if self.global_std else history.std(unbiased=False)
             advantages[index] = (rewards_fp64[index] - mean) / (std + EPSILON)
         return advantages.to(device=rewards.device, dtype=rewards.dtype)
 

@@ -7,16 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .prompts import GROUPS
 from .recognizers import load_recognizer
-from .render import COMMON, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, parse_caption, prompts_for
+from .render import UNUSUAL, parse_caption, prompts_for
 
-PROMPT_GROUPS: dict[str, list[str]] = {
-    "common": prompts_for(COMMON),
-    "unusual_train": prompts_for(UNUSUAL_TRAIN),
-    "unusual_heldout": prompts_for(UNUSUAL_HELDOUT),
-}
-# Every unusual pair, for the per-pair table that chose the RL halves (`ddpo toy evaluate --per-prompt`).
-UNUSUAL_OTHER = [p for p in prompts_for(UNUSUAL) if p not in PROMPT_GROUPS["unusual_train"] + PROMPT_GROUPS["unusual_heldout"]]
+PROMPT_GROUPS: dict[str, list[str]] = {name: prompts_for(GROUPS[name]) for name in ("common", "unusual_train", "unusual_heldout")}
 EVAL_SEED_OFFSET = 10_000  # evaluation seeds never coincide with the seeds of a training grid
 
 
@@ -60,7 +55,7 @@ def judge_exact_match(
     judge = load_recognizer(judge_path, "judge")
     groups = dict(groups or PROMPT_GROUPS)
     if per_prompt:
-        groups["unusual_other"] = UNUSUAL_OTHER
+        groups["unusual_other"] = prompts_for(GROUPS["unusual_other"])  # the per-pair table covers every unusual pair
     result, prompt_rates = {}, {}
     for group, prompts in groups.items():
         scores = []
