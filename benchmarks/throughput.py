@@ -6,10 +6,11 @@ The policy and the samples are those of a config (the Shapes default, `ddpo trai
 `train.timestep_chunk=1` (one UNet call per timestep, the ddpo-pytorch way) and with the batched path
 (`timestep_chunk=0`: all trained timesteps of a minibatch in one call). Optimizer steps are left out so both
 modes do identical work. Each mode runs in its own child process so its peak RSS is its own; modes alternate
-for `--repeats` rounds and the fastest round of each counts.
+for `--repeats` rounds, and the fastest pass (of three per round) of each counts.
 
     python benchmarks/throughput.py                       # Shapes default settings
     python benchmarks/throughput.py --set train.batch_size=8
+    python benchmarks/throughput.py --chunks 2 5 0        # also sweep train.timestep_chunk
 
 Prints numbers only; the last line is `ratio_batched_vs_loop=X.XX` (loop time / batched time).
 """
@@ -73,9 +74,12 @@ def child(config_name: str, overrides: list[str], chunk: int) -> dict:
         policy.unet.zero_grad(set_to_none=True)
 
     update()  # warm-up
-    started = time.perf_counter()
-    update()
-    train_seconds = time.perf_counter() - started
+    timings = []
+    for _ in range(3):  # the fastest of three passes: this machine's speed drifts by tens of percent
+        started = time.perf_counter()
+        update()
+        timings.append(time.perf_counter() - started)
+    train_seconds = min(timings)
     return {
         "samples": n,
         "sample_seconds": sample_seconds,
@@ -90,14 +94,16 @@ def main() -> None:
     parser.add_argument("--config", default="shapes/default", help="config file or preset (default: the Shapes default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0], help="timestep_chunk values of the batched path to time (0 = all trained timesteps in one call); the ratio line uses the first")
     parser.add_argument("--child-chunk", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_chunk is not None:
         print(json.dumps(child(args.config, args.overrides, args.child_chunk)))
         return
-    results: dict[str, list[dict]] = {"loop": [], "batched": []}
+    modes = {"loop": 1, **{f"chunk={chunk}": chunk for chunk in args.chunks if chunk != 1}}
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.repeats):
-        for mode, chunk in (("loop", 1), ("batched", 0)):
+        for mode, chunk in modes.items():
             command = [sys.executable, __file__, "--config", args.config, "--child-chunk", str(chunk)]
             for override in args.overrides:
                 command += ["--set", override]
@@ -110,7 +116,10 @@ def main() -> None:
             f"({r['trained_timesteps'] / r['train_seconds']:.1f} timesteps/s); sampling {r['samples'] / r['sample_seconds']:.2f} samples/s; "
             f"peak RSS {r['peak_rss_mb']:.0f} MB"
         )  # fmt: skip
-    print(f"ratio_batched_vs_loop={best['loop']['train_seconds'] / best['batched']['train_seconds']:.2f}")
+    for mode in list(modes)[1:]:
+        print(f"{mode:8s} ratio vs loop {best['loop']['train_seconds'] / best[mode]['train_seconds']:.2f}")
+    batched = list(modes)[1] if len(modes) > 1 else "loop"
+    print(f"ratio_batched_vs_loop={best['loop']['train_seconds'] / best[batched]['train_seconds']:.2f}")
 
 
 if __name__ == "__main__":

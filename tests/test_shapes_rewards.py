@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ddpo.prompts import build_prompt_source
 from ddpo.rewards import RewardError, build_reward
@@ -66,6 +67,41 @@ def test_alignment_is_bertscore_recall_of_the_caption_against_the_prompt(describ
     assert output.info["exact"].tolist() == [0.0]  # not a template caption: never an exact match
 
 
+def test_soft_alignment_is_the_expected_recall_over_the_describers_probabilities(describer, images):
+    import torch
+
+    from ddpo.rewards.bertscore import BERTScorer, minilm_path
+    from ddpo.toyworld.recognizers import COLOR_NAMES, images_to_tensor
+    from ddpo.toyworld.render import SHAPES
+    from ddpo.toyworld.rewards import load_describer
+
+    # A blend of two rendered scenes: the describer is unsure, so the expectation differs from the arg-max's.
+    blend = Image.blend(images[0], images[1], 0.5)
+    prompt = "two red circles"
+    soft = build_reward("shapes_alignment_soft", describer=describer)([blend], [prompt], [{}])
+    hard = build_reward("shapes_alignment", describer=describer)([blend], [prompt], [{}])
+    with torch.no_grad():
+        logits = load_describer(describer)(images_to_tensor([blend]))
+    p = {name: value.softmax(-1)[0] for name, value in logits.items()}
+    scenes = [(n, c, s) for n in range(3) for c in range(len(COLOR_NAMES)) for s in range(len(SHAPES))]
+    captions = [caption(n + 1, COLOR_NAMES[c], SHAPES[s]) for n, c, s in scenes]
+    _, recall, _ = BERTScorer(minilm_path()).score(captions, [prompt] * len(captions))
+    expected = sum(float(p["count"][n] * p["color"][c] * p["shape"][s]) * float(r) for (n, c, s), r in zip(scenes, recall))
+    assert soft.scores[0] == pytest.approx(expected, abs=1e-5)
+    assert abs(soft.scores[0] - hard.scores[0]) > 1e-3  # not the arg-max caption's score
+    assert soft.info["p_prompt"][0] == pytest.approx(float(p["count"][1] * p["color"][0] * p["shape"][0]), rel=1e-4)
+
+
+def test_soft_alignment_agrees_with_alignment_on_clear_images(describer, images):
+    matching = [scene.caption for scene in SCENES]
+    mismatching = [caption(s.count % 3 + 1, "cyan", "cross" if s.shape != "cross" else "square") for s in SCENES]
+    soft = build_reward("shapes_alignment_soft", describer=describer)
+    hard = build_reward("shapes_alignment", describer=describer)
+    for prompts in (matching, mismatching):
+        assert soft(images, prompts, [{}] * len(SCENES)).scores == pytest.approx(hard(images, prompts, [{}] * len(SCENES)).scores, abs=0.05)
+    assert soft(images, matching, [{}] * len(SCENES)).info["p_prompt"].min() > 0.5
+
+
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [("two red circles", 1.0), ("three red circles", 2 / 3), ("two blue squares", 1 / 3), ("a green cross", 0.0)],
@@ -97,7 +133,7 @@ def test_attributes_reject_prompts_that_are_not_shapes_captions(describer, image
         reward(images[:2], ["two red circles", "a photo of a cat"], [{}, {}])
 
 
-@pytest.mark.parametrize("name", ["shapes_alignment", "shapes_attributes"])
+@pytest.mark.parametrize("name", ["shapes_alignment", "shapes_alignment_soft", "shapes_attributes"])
 def test_missing_describer_weights_are_named(tmp_path, name):
     missing = tmp_path / "describer.safetensors"
     with pytest.raises(FileNotFoundError, match=re.escape(f"describer weights not found at {missing}")):
@@ -112,6 +148,7 @@ def test_registered_from_a_fresh_interpreter_without_loading_models():
         from ddpo.rewards import check_reward
         check_reward("shapes_alignment", {"describer": "x"})
         check_reward("shapes_attributes", {})
+        check_reward("shapes_alignment_soft", {})
         assert len(build_prompt_source("shapes_unusual_train").prompts) == 12
         assert "torch" not in sys.modules and "transformers" not in sys.modules, "registering imported torch"
         """

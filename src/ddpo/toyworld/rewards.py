@@ -3,6 +3,9 @@
 - `shapes_alignment`: the describer captions each image, and the caption is compared with the prompt by
   BERTScore recall (all-MiniLM-L6-v2), as the paper's prompt-image alignment reward (Black et al. 2023,
   Sec. 6.3: LLaVA describes the image, BERTScore compares the description with the prompt).
+- `shapes_alignment_soft`: the same BERTScore recall in expectation over the describer's class probabilities
+  instead of at its arg-max caption: smooth in the image, for algorithms that need small image changes to change
+  the reward (FDFO's finite differences) and for lower-variance policy gradients.
 - `shapes_attributes`: the fraction of count, colour and shape that the describer sees as the prompt asks.
 
 Neither is ground truth: RL can learn images that fool the describer. The judge (another architecture,
@@ -86,6 +89,56 @@ def shapes_alignment(describer: str | None = None) -> Reward:
         captions = [scene.caption for scene in seen]
         _, recall, _ = scorer.score(captions, prompts)
         return RewardOutput(recall, {"captions": captions, "exact": _exact_match(seen, prompts)})
+
+    return reward
+
+
+@register_reward("shapes_alignment_soft")
+def shapes_alignment_soft(describer: str | None = None) -> Reward:
+    """Reward = the expected BERTScore recall of the describer's caption against the prompt, over its
+    (independent) count, colour and shape probabilities: sum over the 72 captions c of p(c) * recall(c, prompt).
+
+    `shapes_alignment` scores the arg-max caption, so it is piecewise constant in the image and two nearby
+    images almost always score the same; this one moves with the describer's confidence, and equals
+    `shapes_alignment` where the describer is certain. The recall of every caption against a prompt is
+    computed once per prompt and cached.
+
+    info: `captions` (the arg-max caption per image) and `exact` as `shapes_alignment`, and `p_prompt` ((n,)
+    float32, the describer's probability of exactly the prompt's count, colour and shape; 0 for a prompt that is
+    not a template caption).
+    """
+    import torch
+
+    from ddpo.rewards.bertscore import BERTScorer, minilm_path
+
+    from .recognizers import COLOR_NAMES, NUM_COUNTS, images_to_tensor
+    from .render import SHAPES
+
+    model = load_describer(describer)
+    scorer = BERTScorer(minilm_path())
+    scenes = [Scene(n + 1, color, shape) for n in range(NUM_COUNTS) for color in COLOR_NAMES for shape in SHAPES]
+    captions = [scene.caption for scene in scenes]
+    table: dict[str, torch.Tensor] = {}  # prompt -> recall of each caption, shaped (counts, colours, shapes)
+
+    def recall_table(prompt: str) -> torch.Tensor:
+        if prompt not in table:
+            _, recall, _ = scorer.score(captions, [prompt] * len(captions))
+            table[prompt] = torch.as_tensor(np.asarray(recall), dtype=torch.float32).reshape(NUM_COUNTS, len(COLOR_NAMES), len(SHAPES))
+        return table[prompt]
+
+    def reward(images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
+        with torch.no_grad():
+            logits = model(images_to_tensor(images).to(next(model.parameters()).device))
+        p = {name: logit.float().softmax(-1).cpu() for name, logit in logits.items()}
+        joint = p["count"][:, :, None, None] * p["color"][:, None, :, None] * p["shape"][:, None, None, :]
+        scores = torch.stack([(joint[i] * recall_table(prompt)).sum() for i, prompt in enumerate(prompts)])
+        seen = [Scene(int(n) + 1, COLOR_NAMES[int(c)], SHAPES[int(s)]) for n, c, s in zip(p["count"].argmax(-1), p["color"].argmax(-1), p["shape"].argmax(-1))]
+        p_prompt = []
+        for i, prompt in enumerate(prompts):
+            wanted = parse_caption(prompt)
+            p_prompt.append(0.0 if wanted is None else float(joint[i, wanted.count - 1, COLOR_NAMES.index(wanted.color), SHAPES.index(wanted.shape)]))
+        info = {"captions": [scene.caption for scene in seen], "exact": _exact_match(seen, prompts), "p_prompt": np.array(p_prompt, dtype=np.float32)}
+        return RewardOutput(scores.numpy(), info)
 
     return reward
 
