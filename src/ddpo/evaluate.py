@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .config import Config, heldout_reward_name
-from .prompts import PromptSourceError, build_prompt_source
+from .prompts import build_prompt_source, read_prompt_lines
 from .rewards import CheckedReward, RewardError, build_reward, build_reward_from_config
 from .utils import derive_seed
 
@@ -41,17 +41,6 @@ class EvalPrompts:
 
     def of_group(self, group: str) -> list[str]:
         return [p for p, g in zip(self.prompts, self.groups) if g == group]
-
-
-def read_prompt_file(path: str | Path, key: str) -> list[str]:
-    """Non-blank stripped lines of a prompt file; errors name the file and the option/key it came from."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptSourceError(f"{key}: prompt file '{path}' does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise PromptSourceError(f"{key}: prompt file '{path}' contains no prompts")
-    return prompts
 
 
 def spread(items: list[str], limit: int) -> list[str]:
@@ -74,9 +63,9 @@ def eval_prompts_of(config: Config, heldout_file: str | Path | None = None, limi
     source_prompts = set(source.prompts)
     listed = list(config.prompts.eval_prompts or source.prompts)
     if heldout_file:
-        candidates = read_prompt_file(heldout_file, "--prompts")
+        candidates = read_prompt_lines(heldout_file, "--prompts")
     elif config.prompts.heldout_file:
-        candidates = read_prompt_file(config.prompts.heldout_file, "prompts.heldout_file")
+        candidates = read_prompt_lines(config.prompts.heldout_file, "prompts.heldout_file")
     elif config.prompts.source in SHAPES_HELDOUT_SOURCES:
         heldout_source = build_prompt_source(SHAPES_HELDOUT_SOURCES[config.prompts.source])
         candidates = list(heldout_source.prompts)

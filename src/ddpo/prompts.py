@@ -187,10 +187,20 @@ def prompt_file(file: str = "") -> ListPromptSource:
     """
     if not file:
         raise PromptSourceError("prompt source 'file' needs prompts.file: a text file with one prompt per line")
-    path = Path(file)
+    return ListPromptSource(read_prompt_lines(file, "prompts.file"))
+
+
+def read_prompt_lines(path: str | Path, key: str) -> list[str]:
+    """Non-blank stripped lines of a UTF-8 prompt file; errors name the file and the option or key (`key`)
+    it came from.
+
+    Raises:
+        PromptSourceError: the file does not exist or holds no prompts.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise PromptSourceError(f"prompt file '{file}' does not exist (prompts.file)")
+        raise PromptSourceError(f"{key}: prompt file '{path}' does not exist")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise PromptSourceError(f"prompt file '{file}' contains no prompts")
-    return ListPromptSource(prompts)
+        raise PromptSourceError(f"{key}: prompt file '{path}' contains no prompts")
+    return prompts
