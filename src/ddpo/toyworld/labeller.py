@@ -43,12 +43,9 @@ class HiddenPreference(Protocol):
 
 
 def _judge_probabilities(images: list[Image.Image]) -> dict[str, torch.Tensor]:
-    from .recognizers import images_to_tensor
     from .rewards import SHIPPED_JUDGE, _load_judge
 
-    judge = _load_judge(SHIPPED_JUDGE.resolve())
-    with torch.no_grad():
-        return {key: logits.softmax(-1) for key, logits in judge(images_to_tensor(images)).items()}
+    return _load_judge(SHIPPED_JUDGE.resolve()).probabilities(images)
 
 
 @dataclass(frozen=True)

@@ -56,18 +56,28 @@ class Recognizer(nn.Module):
         return self.heads(self.features(x))
 
     @torch.no_grad()
+    def logits(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Per attribute ("count", "color", "shape"), each image's class logits: (B, classes)."""
+        self.eval()
+        return self(images_to_tensor(images).to(next(self.parameters()).device))
+
+    def probabilities(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Per attribute, each image's class probabilities: (B, classes) fp32 on CPU."""
+        return {name: value.float().softmax(-1).cpu() for name, value in self.logits(images).items()}
+
     def predict(self, images: list[Image.Image]) -> list[Scene]:
         """The scene each image shows, by this recogniser."""
-        self.eval()
-        logits = self(images_to_tensor(images).to(next(self.parameters()).device))
-        counts = logits["count"].argmax(-1).tolist()
-        colors = logits["color"].argmax(-1).tolist()
-        shapes = logits["shape"].argmax(-1).tolist()
-        return [Scene(n + 1, COLOR_NAMES[c], SHAPES[s]) for n, c, s in zip(counts, colors, shapes)]
+        return most_likely_scenes(self.logits(images))
 
     def describe(self, images: list[Image.Image]) -> list[str]:
         """A caption per image, in the template language of the Shapes world."""
         return [scene.caption for scene in self.predict(images)]
+
+
+def most_likely_scenes(scores: dict[str, torch.Tensor]) -> list[Scene]:
+    """The arg-max scene per row of per-attribute scores (logits or probabilities, as `Recognizer.probabilities`)."""
+    counts, colors, shapes = (scores[name].argmax(-1).tolist() for name in ("count", "color", "shape"))
+    return [Scene(n + 1, COLOR_NAMES[c], SHAPES[s]) for n, c, s in zip(counts, colors, shapes)]
 
 
 class Describer(Recognizer):

@@ -111,7 +111,7 @@ def shapes_alignment_soft(describer: str | None = None) -> Reward:
 
     from ddpo.rewards.bertscore import BERTScorer, minilm_path
 
-    from .recognizers import COLOR_NAMES, NUM_COUNTS, images_to_tensor
+    from .recognizers import COLOR_NAMES, NUM_COUNTS, most_likely_scenes
     from .render import SHAPES
 
     model = load_describer(describer)
@@ -127,12 +127,10 @@ def shapes_alignment_soft(describer: str | None = None) -> Reward:
         return table[prompt]
 
     def reward(images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
-        with torch.no_grad():
-            logits = model(images_to_tensor(images).to(next(model.parameters()).device))
-        p = {name: logit.float().softmax(-1).cpu() for name, logit in logits.items()}
+        p = model.probabilities(images)
         joint = p["count"][:, :, None, None] * p["color"][:, None, :, None] * p["shape"][:, None, None, :]
         scores = torch.stack([(joint[i] * recall_table(prompt)).sum() for i, prompt in enumerate(prompts)])
-        seen = [Scene(int(n) + 1, COLOR_NAMES[int(c)], SHAPES[int(s)]) for n, c, s in zip(p["count"].argmax(-1), p["color"].argmax(-1), p["shape"].argmax(-1))]
+        seen = most_likely_scenes(p)
         p_prompt = []
         for i, prompt in enumerate(prompts):
             wanted = parse_caption(prompt)
