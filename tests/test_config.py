@@ -190,6 +190,31 @@ def test_derived_batch_sizes_arithmetic():
     }
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sample.sde_window=-1"], "sample.sde_window=-1 must be >= 0"),
+        (["sample.num_steps=10", "sample.sde_window=11"], "sample.sde_window=11 exceeds sample.num_steps=10"),
+        (
+            ["train.algorithm=fdfo", "sample.samples_per_prompt=2", "sample.sde_window=2"],
+            "sample.sde_window=2 needs the SDE sampler, but train.algorithm='fdfo' samples with 'churn' steps",
+        ),
+    ],
+)
+def test_a_bad_sde_window_is_a_one_line_error_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(overrides=overrides)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("window", "fraction", "trained"), [(3, 0.99, 3), (3, 0.5, 2), (2, 0.1, 1), (10, 1.0, 10)])
+def test_with_an_sde_window_only_its_steps_are_trained(window, fraction, trained):
+    """Flow-GRPO-Fast: the trained steps per sample are timestep_fraction of the window, rounded up (flow_grpo
+    trains the whole window), not of sample.num_steps."""
+    config = load_config(overrides=["sample.num_steps=10", f"sample.sde_window={window}", f"train.timestep_fraction={fraction}"])
+    assert derived_batch_sizes(config, num_processes=1)["num_train_timesteps"] == trained
+
+
 def test_score_function_takes_one_step_per_epoch():
     config = load_config(
         overrides=["train.algorithm=ddpo_sf", "train.batch_size=2", "train.timestep_fraction=0.001"]

@@ -77,6 +77,26 @@ def test_one_epoch_runs_and_saves_a_lora_the_diffusers_pipeline_loads(tiny_flow_
     assert np.abs(after.astype(float) - before.astype(float)).max() > 1e-3
 
 
+def test_flow_grpo_fast_trains_only_the_steps_of_each_samples_sde_window(tiny_flow_dirs, tmp_path, monkeypatch):
+    """sample.sde_window=2 of 6 steps: every step the trainer recomputes has a finite recorded log-prob (it lies in
+    its sample's SDE window), 2 per sample (timestep_fraction 1), and the epoch's metrics are written, finite."""
+    from ddpo.policy.flow import FlowMatchingPolicy
+
+    trained = []
+    original = FlowMatchingPolicy.predict
+
+    def spy(self, trajectory, step_indices, **kwargs):
+        trained.append(trajectory.log_probs.gather(1, step_indices.to(trajectory.log_probs.device)))
+        return original(self, trajectory, step_indices, **kwargs)
+
+    monkeypatch.setattr(FlowMatchingPolicy, "predict", spy)
+    (record,) = train_one_epoch(tiny_flow_dirs["sd-flow"], tmp_path / "run", "flow_grpo", **{"sample.num_steps": 6, "sample.sde_window": 2})
+    assert record["epoch"] == 1 and record["samples"] == 8
+    assert all(np.isfinite(record[key]) for key in ("reward_mean", "loss", "approx_kl", "grad_norm", "kl_to_reference"))
+    recorded = torch.cat(trained)
+    assert recorded.shape == (8, 2) and torch.isfinite(recorded).all()
+
+
 @pytest.fixture(scope="module")
 def flow_grpo_run(tiny_flow_dirs, tmp_path_factory):
     run = tmp_path_factory.mktemp("flow-runs") / "flow-grpo"

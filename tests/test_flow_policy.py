@@ -9,7 +9,8 @@ import torch
 from ddpo.algorithms.base import GaussianStepAlgorithm
 from ddpo.config import load_config
 from ddpo.policy import LoraOptions, PolicyLoadError, StableDiffusionPolicy, UNetFlowPolicy, policy_for_pipeline
-from ddpo.policy.flow import FlowSamplingOptions
+from ddpo.core.flow import euler_step
+from ddpo.policy.flow import SDE_WINDOW_START, FlowSamplingOptions
 from ddpo.policy.flux import FluxPolicy
 from ddpo.policy.sd3 import StableDiffusion3Policy
 from ddpo.policy.tiny import TINY_PIPELINES, build_tiny_pipeline
@@ -22,8 +23,8 @@ def generators(n: int, offset: int = 0) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(offset + i) for i in range(n)]
 
 
-def make_policy(kind: str, sampler: str = "sde", guidance_scale: float = 4.0, lora: LoraOptions | None = None, perturb: bool = True, **options):
-    sampling = FlowSamplingOptions(num_steps=4, guidance_scale=guidance_scale, height=32, width=32, sampler=sampler, **options)
+def make_policy(kind: str, sampler: str = "sde", guidance_scale: float = 4.0, lora: LoraOptions | None = None, perturb: bool = True, num_steps: int = 4, **options):
+    sampling = FlowSamplingOptions(num_steps=num_steps, guidance_scale=guidance_scale, height=32, width=32, sampler=sampler, **options)
     policy = POLICIES[kind](TINY_PIPELINES[kind](seed=0), sampling, lora or LoraOptions(rank=4, alpha=8.0))
     if perturb:  # move the LoRA off its zero init so that the policy differs from the base model
         torch.manual_seed(1)
@@ -152,3 +153,66 @@ def test_the_ode_sampler_has_no_log_probability_to_train_on():
     trajectory = policy.sample(["a cat"], generators(1), decode=False)
     with pytest.raises(ValueError, match="deterministic"):
         policy.log_prob(trajectory, torch.arange(4))
+
+
+# ---- Flow-GRPO-Fast: an SDE window among ODE steps --------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sd-flow", "sd3"])
+def test_an_sde_window_gives_each_sample_k_consecutive_log_probs_placed_by_its_own_generator(kind):
+    """sde_window=2 of 8 steps: each sample's log-probs are finite on exactly 2 consecutive steps starting in
+    [0, 8 // 2 - 2] (the first half of the chain), NaN elsewhere; the start is recorded, differs between samples,
+    and depends on the sample's generator only (alone or in a batch of 3: the same chain)."""
+    policy = make_policy(kind, num_steps=8, sde_window=2)
+    trajectory = policy.sample(["a cat"] * 6, generators(6), decode=False)
+    starts = trajectory.extras[SDE_WINDOW_START]
+    assert starts.dtype == torch.int64 and starts.min() >= 0 and starts.max() <= 2
+    assert len(set(starts.tolist())) > 1  # drawn per sample, not once per batch
+    for log_probs, start in zip(trajectory.log_probs, starts.tolist()):
+        window = torch.zeros(8, dtype=torch.bool)
+        window[start : start + 2] = True
+        assert torch.equal(torch.isfinite(log_probs), window)
+        assert torch.isnan(log_probs[~window]).all()
+    # in the window the log-probs are the policy's own (ratio 1 when recomputed for training)
+    window_steps = starts[:, None] + torch.arange(2)
+    recomputed = policy.log_prob(trajectory, window_steps)
+    assert torch.exp(recomputed - trajectory.log_probs.gather(1, window_steps)).sub(1).abs().max() < 1e-5
+
+    alone = policy.sample(["a cat"], generators(1, offset=4), decode=False)
+    in_batch = policy.sample(["a cat"] * 3, generators(3, offset=3), decode=False).select([1])
+    assert torch.equal(alone.extras[SDE_WINDOW_START], in_batch.extras[SDE_WINDOW_START])
+    assert torch.equal(alone.extras[SDE_WINDOW_START], starts[4:5])
+    torch.testing.assert_close(alone.latents, in_batch.latents, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone.log_probs, in_batch.log_probs, atol=1e-4, rtol=0, equal_nan=True)
+
+
+def test_steps_outside_the_sde_window_are_euler_steps_of_the_recorded_latents():
+    """Outside its window a sample's step is x_next = x + (sigma_next - sigma) v with the guided velocity at the
+    recorded x; inside it the SDE's noise makes it differ from that Euler step."""
+    policy = make_policy("sd-flow", num_steps=6, sde_window=2)
+    trajectory = policy.sample(PROMPTS[:3], generators(3), decode=False)
+    steps = torch.arange(6)
+    velocity = policy.predict(trajectory, steps).model_output.detach()  # (B, T, ...), guided as when sampling
+    sigmas = torch.cat([trajectory.timesteps, torch.zeros(3, 1)], dim=1)
+    for k in range(6):
+        euler = euler_step(velocity[:, k], trajectory.latents[:, k], sigmas[:, k], sigmas[:, k + 1])
+        gap = (euler - trajectory.latents[:, k + 1]).flatten(1).abs().amax(dim=1)
+        ode = torch.isnan(trajectory.log_probs[:, k])
+        assert (gap[ode] < 1e-5).all()
+        assert (gap[~ode] > 1e-2).all()
+
+
+def test_a_window_as_long_as_the_chain_is_the_plain_sde_sampler():
+    """The window's start is drawn after all the step noise: sde_window = num_steps samples the same chains, with
+    the same log-probs, as sde_window = 0 (every step SDE)."""
+    policy = make_policy("sd-flow")
+    plain = policy.sample(PROMPTS, generators(4), decode=False)
+    policy.sampling.sde_window = 4
+    full = policy.sample(PROMPTS, generators(4), decode=False)
+    assert torch.equal(full.latents, plain.latents) and torch.equal(full.log_probs, plain.log_probs)
+    assert torch.equal(full.extras[SDE_WINDOW_START], torch.zeros(4, dtype=torch.int64)) and not plain.extras
+
+
+def test_an_sde_window_for_a_ddim_model_is_refused_naming_the_key():
+    config = load_config(overrides=["sample.num_steps=4", "sample.sde_window=2"])
+    with pytest.raises(PolicyLoadError, match="sample.sde_window=2 mixes a flow model's SDE and ODE steps") as error:
+        policy_for_pipeline(TINY_PIPELINES["sd"](seed=0), config)
+    assert "\n" not in str(error.value)

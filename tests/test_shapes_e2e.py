@@ -27,7 +27,7 @@ def test_the_embedded_default_runs_one_epoch(tmp_path):
     assert (out / "checkpoints" / "epoch-0001" / "pytorch_lora_weights.safetensors").is_file()
 
 
-JPEG_EPOCHS = 15  # measured: a paired gain of 0.066 kB at 9 standard errors (base -1.154 kB -> -1.088 kB)
+JPEG_EPOCHS = 15  # measured on the shipped model: compressibility -1.155 -> -1.094 kB, a paired gain of 10.7 standard errors
 JPEG_PROMPTS = ["a red circle", "two green squares", "three blue triangles", "a yellow cross"]
 
 
@@ -59,19 +59,22 @@ def paired_rewards(run, reward_name: str, prompts: list[str], seeds: int):
     return scores
 
 
-def test_ddpo_is_on_jpeg_compressibility_raises_the_reward(tmp_path):
-    """DDPO-IS makes the Shapes model's images more compressible: base and trained model are compared on the
-    same 4 prompts x 8 seeds (paired), and the mean gain must exceed 3 standard errors of the paired differences."""
+@pytest.mark.parametrize("task", ["compressibility", "incompressibility"])
+def test_ddpo_is_on_jpeg_moves_the_file_size_the_right_way(tmp_path, task):
+    """DDPO-IS makes the Shapes model's images more (less) compressible with the JPEG (in)compressibility preset:
+    base and trained model are compared on the same 4 prompts x 8 seeds (paired), and the mean reward gain must
+    exceed 3 standard errors of the paired differences."""
+    reward_name = f"jpeg_{task}"
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(JPEG_PROMPTS) + "\n")
-    out = tmp_path / "compressibility"
-    args = ["train", "--config", "shapes/compressibility", "--out", str(out), "--no-progress",
+    out = tmp_path / task
+    args = ["train", "--config", f"shapes/{task}", "--out", str(out), "--no-progress",
             "--set", "prompts.source=file", "--set", f"prompts.file={prompt_file}", "--set", f"train.epochs={JPEG_EPOCHS}",
             "--set", f"log.save_every={JPEG_EPOCHS}", "--set", "log.eval_every=0"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + (result.stderr or "")
-    base, trained = paired_rewards(out, "jpeg_compressibility", JPEG_PROMPTS, seeds=8)
+    base, trained = paired_rewards(out, reward_name, JPEG_PROMPTS, seeds=8)
     gain = trained - base
     standard_error = gain.std(ddof=1) / len(gain) ** 0.5
-    print(f"jpeg_compressibility base {base.mean():.4f} trained {trained.mean():.4f} gain {gain.mean():.4f} = {gain.mean() / standard_error:.1f} SE")
+    print(f"{reward_name} base {base.mean():.4f} trained {trained.mean():.4f} gain {gain.mean():.4f} = {gain.mean() / standard_error:.1f} SE")
     assert gain.mean() > 3 * standard_error, (base.mean(), trained.mean(), standard_error)

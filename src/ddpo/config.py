@@ -106,6 +106,11 @@ class SampleConfig:
     eval_num_steps: int = 0
     """Flow models: steps of the deterministic ODE sampler of the sample grid and evaluation; 0 = num_steps.
     Flow-GRPO trains on 10 steps and evaluates on 40."""
+    sde_window: int = 0
+    """Flow models with the SDE sampler: Flow-GRPO-Fast's window of this many consecutive SDE steps per sample,
+    starting at a random step of the first half of the chain (drawn from the sample's own noise seed); every
+    other step is a deterministic ODE (Euler) step, and only the window's steps are trained (`timestep_fraction`
+    of them, rounded up). 0 = every step is an SDE step. Not for fdfo or DDIM-family models."""
 
 
 @dataclass
@@ -498,6 +503,11 @@ def validate(config: Config) -> None:
     _check(sample.noise_level > 0, f"sample.noise_level={sample.noise_level:g} must be > 0 (0 makes the SDE an ODE, with no log-probability)")
     _check(sample.churn >= 0, f"sample.churn={sample.churn:g} must be >= 0")
     _check(sample.eval_num_steps >= 0, f"sample.eval_num_steps={sample.eval_num_steps} must be >= 0 (0 = sample.num_steps)")
+    _check(sample.sde_window >= 0, f"sample.sde_window={sample.sde_window} must be >= 0 (0 = every step an SDE step)")
+    _check(
+        sample.sde_window <= sample.num_steps,
+        f"sample.sde_window={sample.sde_window} exceeds sample.num_steps={sample.num_steps}: the window of SDE steps lies inside the chain",
+    )
     # Every algorithm here trains on log-probabilities of the sampling policy (paper Sec. 4).
     _check(
         sample.scheduler != "ddim" or sample.eta > 0,
@@ -536,6 +546,11 @@ def validate(config: Config) -> None:
         f"train.kl_weight={train.kl_weight:g} needs model.use_lora=true: the reference model is the base with the LoRA disabled",
     )
     algorithm = ALGORITHMS[train.algorithm]
+    _check(
+        sample.sde_window == 0 or algorithm.sampler == "sde",
+        f"sample.sde_window={sample.sde_window} needs the SDE sampler, but train.algorithm={train.algorithm!r} samples "
+        f"with {algorithm.sampler!r} steps; set sample.sde_window=0",
+    )
     try:
         algorithm.check_config(config)
     except ValueError as error:
@@ -643,9 +658,10 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
 
     Returns:
         num_processes; samples_per_epoch (all processes); samples_per_process; num_train_timesteps (denoising
-        steps trained per sample); minibatches_per_epoch (micro-batches per process per inner epoch);
-        accumulation_steps (micro-batches per optimizer step); samples_per_optimizer_step (all processes);
-        optimizer_steps_per_epoch (over all inner epochs).
+        steps trained per sample: `train.timestep_fraction` of `sample.num_steps` rounded down, or with
+        `sample.sde_window` of the window's SDE steps rounded up); minibatches_per_epoch (micro-batches per
+        process per inner epoch); accumulation_steps (micro-batches per optimizer step);
+        samples_per_optimizer_step (all processes); optimizer_steps_per_epoch (over all inner epochs).
 
     Raises:
         ConfigError: `train.batch_size` or `train.gradient_accumulation_steps` does not divide evenly.
@@ -670,11 +686,15 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
             f"train.gradient_accumulation_steps={accumulation} must divide the {minibatches} micro-batches per "
             f"process per epoch (sample.batch_size x sample.num_batches_per_epoch / train.batch_size)",
         )
+    if sample.sde_window:  # only the window's steps have a log-prob (Flow-GRPO-Fast trains all of them)
+        num_train_timesteps = max(1, math.ceil(sample.sde_window * train.timestep_fraction))
+    else:
+        num_train_timesteps = max(1, int(sample.num_steps * train.timestep_fraction))
     return {
         "num_processes": num_processes,
         "samples_per_epoch": samples_per_process * num_processes,
         "samples_per_process": samples_per_process,
-        "num_train_timesteps": max(1, int(sample.num_steps * train.timestep_fraction)),
+        "num_train_timesteps": num_train_timesteps,
         "minibatches_per_epoch": minibatches,
         "accumulation_steps": accumulation,
         "samples_per_optimizer_step": train.batch_size * accumulation * num_processes,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .algorithms import build_algorithm_from_config
 from .config import Config, ConfigError, config_to_dict, derived_batch_sizes, save_config, validate
 from .monitor import EARLY_STOP_METRIC, Monitor, tracker_metrics
-from .policy import DiffusersPolicy, Trajectory, build_policy
+from .policy import SDE_WINDOW_START, DiffusersPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
 from .rewards import RewardError, RewardOutput, build_reward_from_config
 from .run_directory import TRAINER_STATE, RunDirectory, append_jsonl, epoch_name, read_jsonl, write_text_atomic
@@ -152,10 +152,11 @@ class Trainer:
     def describe(self) -> None:
         if self.accelerator.is_main_process:
             s = self.sizes
+            window = f" (from a window of {self.config.sample.sde_window} SDE steps)" if self.config.sample.sde_window else ""
             self.accelerator.print(
                 f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {self.reward.name}; "
                 f"{s['num_processes']} process(es) x {s['samples_per_process']} samples = {s['samples_per_epoch']} samples/epoch; "
-                f"{s['num_train_timesteps']} of {self.config.sample.num_steps} steps trained per sample; "
+                f"{s['num_train_timesteps']} of {self.config.sample.num_steps} steps trained per sample{window}; "
                 f"{s['optimizer_steps_per_epoch']} optimizer steps/epoch of {s['samples_per_optimizer_step']} samples; "
                 f"{len(self.policy.trainable_parameters())} trainable tensors "
                 f"({sum(p.numel() for p in self.policy.trainable_parameters()):,} weights); run dir {self.run_dir.path}"
@@ -220,7 +221,7 @@ class Trainer:
         config, sizes = self.config, self.sizes
         started = time.perf_counter()
         trajectory = samples.trajectory
-        num_samples, num_steps = len(trajectory), trajectory.num_steps
+        num_samples = len(trajectory)
         micro_steps_per_optimizer_step = sizes["accumulation_steps"] * sizes["num_train_timesteps"]
         totals: dict[str, list[torch.Tensor]] = {}
         micro_step = 0
@@ -228,10 +229,7 @@ class Trainer:
         kl_weight = config.train.kl_weight
         for inner in range(config.train.inner_epochs):
             minibatches = self._minibatches(epoch, inner, num_samples)
-            # Each sample trains on its own random subset of steps (timestep_fraction), as in ddpo-pytorch, drawn
-            # from its global index so that it does not depend on the number of processes.
-            step_generators = generators_for(config.seed, f"timesteps/{inner}", epoch, samples.indices.tolist())
-            steps = torch.stack([torch.randperm(num_steps, generator=g) for g in step_generators])[:, : sizes["num_train_timesteps"]]
+            steps = self._trained_steps(epoch, inner, samples)
             for minibatch in tqdm(minibatches, desc=f"epoch {epoch}.{inner} training", disable=not self.progress, leave=False):
                 part = trajectory.select(minibatch)
                 part_steps = steps[minibatch].to(part.latents.device)
@@ -268,6 +266,24 @@ class Trainer:
         means = {name: torch.stack(values).mean() for name, values in totals.items()}
         reduced = {name: float(self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")) for name, value in means.items()}
         return reduced, time.perf_counter() - started
+
+    def _trained_steps(self, epoch: int, inner: int, samples: EpochSamples) -> torch.Tensor:
+        """(n, num_train_timesteps) step indices each local sample trains on in one inner epoch.
+
+        Each sample trains on its own random subset of its steps (`train.timestep_fraction`), as in ddpo-pytorch,
+        drawn from its global index so that it does not depend on the number of processes. With
+        `sample.sde_window` the subset is of its SDE window only (Flow-GRPO-Fast): its other steps are ODE steps,
+        with no log-prob.
+        """
+        config, trajectory = self.config, samples.trajectory
+        generators = generators_for(config.seed, f"timesteps/{inner}", epoch, samples.indices.tolist())
+        window = config.sample.sde_window
+        if window:
+            offsets = torch.stack([torch.randperm(window, generator=g) for g in generators])
+            steps = trajectory.extras[SDE_WINDOW_START].cpu()[:, None] + offsets
+        else:
+            steps = torch.stack([torch.randperm(trajectory.num_steps, generator=g) for g in generators])
+        return steps[:, : self.sizes["num_train_timesteps"]]
 
     def _minibatches(self, epoch: int, inner: int, num_samples: int) -> list[torch.Tensor]:
         """This process's minibatches (positions into its samples) for one inner epoch.

@@ -15,7 +15,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .base import DiffusersPolicy, LoraOptions
-from .flow import FlowMatchingPolicy, FlowSamplingOptions, UNetFlowPolicy
+from .flow import SDE_WINDOW_START, FlowMatchingPolicy, FlowSamplingOptions, UNetFlowPolicy
 from .stable_diffusion import PolicyLoadError, SamplingOptions, StableDiffusionPolicy, load_pipeline
 from .trajectory import StepPrediction, Trajectory
 
@@ -55,8 +55,9 @@ def policy_for_pipeline(
 ) -> DiffusersPolicy:
     """The policy over a loaded `pipeline` with the model, sampling and train sections of `config`.
 
-    `sampler` is the flow policies' training sampler ("sde", "churn" or "ode" for sampling only); the DDIM
-    policy has only its own (a "churn" request for a DDIM model is refused).
+    `sampler` is the flow policies' training sampler ("sde", "churn" or "ode" for sampling only; only "sde"
+    takes `sample.sde_window`); the DDIM policy has only its own (a "churn" request or `sample.sde_window` for a
+    DDIM model is refused).
     """
     model, sample = config.model, config.sample
     if lora is None:
@@ -68,6 +69,11 @@ def policy_for_pipeline(
                 f"train.algorithm={config.train.algorithm!r} needs a flow-matching model (FlowMatchEulerDiscreteScheduler); "
                 f"model.pretrained={model.pretrained!r} uses {type(pipeline.scheduler).__name__}"
             )
+        if sample.sde_window:
+            raise PolicyLoadError(
+                f"sample.sde_window={sample.sde_window} mixes a flow model's SDE and ODE steps; model.pretrained={model.pretrained!r} "
+                f"uses {type(pipeline.scheduler).__name__} (not a flow-matching model): set sample.sde_window=0"
+            )
         sampling = SamplingOptions(
             num_steps=sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale,
             height=sample.height, width=sample.width, scheduler=sample.scheduler,
@@ -76,6 +82,7 @@ def policy_for_pipeline(
     sampling = FlowSamplingOptions(
         num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
         sampler=sampler, noise_level=sample.noise_level, churn=sample.churn, eval_num_steps=sample.eval_num_steps,
+        sde_window=sample.sde_window if sampler == "sde" else 0,
     )  # fmt: skip
     return _flow_policy_class(pipeline)(pipeline, sampling, lora, **common)
 
@@ -98,7 +105,7 @@ def build_policy(config, device: torch.device | str = "cpu", inference_dtype: to
 
 
 __all__ = [
-    "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SamplingOptions",
+    "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SDE_WINDOW_START", "SamplingOptions",
     "StableDiffusionPolicy", "StepPrediction", "Trajectory", "UNetFlowPolicy", "build_policy", "is_flow_pipeline",
     "load_pipeline", "policy_for_pipeline", "resolve_model", "sampling_policy",
 ]  # fmt: skip

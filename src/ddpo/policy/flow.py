@@ -9,6 +9,14 @@ sampler integrates the ODE x' = v from sigma = 1 to 0 (`ddpo.core.flow`). Three 
   the initial noise churned too; the velocities are kept in the trajectory (FDFO's v_ref).
 - "ode": the deterministic Euler sampler, for evaluation (no log-prob).
 
+With `sde_window` = k > 0 the SDE sampler is Flow-GRPO-Fast's mix (Liu et al. 2025; flow_grpo
+`sd3_pipeline_with_logprob_fast`): each sample takes SDE steps only inside a window of k consecutive steps and
+deterministic Euler steps elsewhere, so only those k steps have a log-prob to train on. The window's start is
+uniform over the starts that keep it inside the first half of the chain, [0, max(T // 2, k) - k] (flow_grpo's
+`sde_window_range = (0, num_steps // 2)`): the early, high-noise steps, where the SDE's noise changes the image
+most (the last steps have tiny stds, whose log-probs are numerically fragile); a window longer than half the
+chain starts at step 0.
+
 Training samples with `sampler` and `num_steps`; inside `policy.evaluation()` the policy samples with the
 ODE and `eval_num_steps` (Flow-GRPO trains on 10 steps and evaluates on 40). Subclasses supply the text
 encoding, the network call, the latent shape and the decoding of their pipeline.
@@ -32,6 +40,7 @@ from .stable_diffusion import StableDiffusionText
 from .trajectory import StepPrediction, Trajectory
 
 FLOW_SAMPLERS = ("sde", "churn", "ode")
+SDE_WINDOW_START = "sde_window_start"  # the trajectory extra holding each sample's first SDE step (with `sde_window`)
 
 
 @dataclass
@@ -44,6 +53,7 @@ class FlowSamplingOptions:
     noise_level: float = 0.7  # Flow-GRPO's a
     churn: float = 0.0025  # FDFO's gamma
     eval_num_steps: int = 0  # steps of the evaluation (ODE) sampler; 0 = num_steps
+    sde_window: int = 0  # Flow-GRPO-Fast: SDE steps per sample, the rest ODE steps; 0 = every step SDE ("sde" only)
 
 
 @dataclass
@@ -93,6 +103,10 @@ class FlowMatchingPolicy(DiffusersPolicy):
     ) -> None:
         if sampling.sampler not in FLOW_SAMPLERS:
             raise ValueError(f"unknown flow sampler {sampling.sampler!r}; one of {', '.join(FLOW_SAMPLERS)}")
+        if not 0 <= sampling.sde_window <= sampling.num_steps:
+            raise ValueError(f"sde_window={sampling.sde_window} must be in [0, num_steps={sampling.num_steps}]")
+        if sampling.sde_window and sampling.sampler == "churn":
+            raise ValueError("sde_window mixes SDE and ODE steps; the churn sampler has no SDE steps (use sde_window=0)")
         if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"a flow-matching policy needs a FlowMatchEulerDiscreteScheduler, not {type(pipeline.scheduler).__name__}")
         self.sampling = sampling
@@ -175,8 +189,10 @@ class FlowMatchingPolicy(DiffusersPolicy):
 
         From each sample's generator, in order: its initial noise x_1 (from `initial_noise_generators[i]`
         instead when given, so that samples with equal generators start alike: FDFO's pairs), the fresh noise
-        of the initial churn (churn sampler), then the noise of every step. The ODE sampler draws x_1 only, the
-        same x_1 as `ddpo.toyworld.evaluation.euler_sample` for the same generator.
+        of the initial churn (churn sampler), the noise of every step, then (with `sde_window`) the start of
+        its SDE window, recorded in `trajectory.extras[SDE_WINDOW_START]` ((B,) int64); its other steps are
+        Euler steps with NaN log-probs. The ODE sampler draws x_1 only, the same x_1 as
+        `ddpo.toyworld.evaluation.euler_sample` for the same generator.
         """
         batch = len(prompts)
         if len(generators) != batch:
@@ -190,6 +206,11 @@ class FlowMatchingPolicy(DiffusersPolicy):
         if sampler == "churn":
             latents = churn_noise(latents, _draw(generators, shape, self.device), self.sampling.churn)
         step_noise = _draw(generators, (T, *shape), self.device) if sampler != "ode" else None
+        window = self.sampling.sde_window if sampler == "sde" else 0
+        extras = {}
+        if window:  # drawn after the step noise, so the window's steps get the noise they would get without one
+            window_start = _draw_window_starts(generators, max(T // 2, window) - window + 1, self.device)
+            extras[SDE_WINDOW_START] = window_start
         cond = self.conditioning(prompts)
         dtype = self.model.dtype  # read once: diffusers walks every submodule to answer it
         cond_in = cond.to(self.device, dtype)
@@ -201,6 +222,11 @@ class FlowMatchingPolicy(DiffusersPolicy):
             if sampler == "ode":
                 latents = euler_step(v, latents, sigma, sigma_next)
                 log_prob = torch.full((batch,), float("nan"), device=self.device)
+            elif window:  # Flow-GRPO-Fast: the SDE step inside each sample's window, the ODE step outside it
+                step = self._step(sampler, v, latents, sigma, sigma_next, sigma_max, noise=step_noise[:, i])
+                in_window = (window_start <= i) & (i < window_start + window)
+                latents = torch.where(in_window.view(-1, *[1] * (latents.ndim - 1)), step.prev_sample, euler_step(v, latents, sigma, sigma_next))
+                log_prob = torch.where(in_window, step.log_prob, float("nan"))
             else:
                 step = self._step(sampler, v, latents, sigma, sigma_next, sigma_max, noise=step_noise[:, i])
                 latents, log_prob = step.prev_sample, step.log_prob
@@ -221,6 +247,7 @@ class FlowMatchingPolicy(DiffusersPolicy):
             prompts=list(prompts),
             metadata=list(metadata) if metadata is not None else [{} for _ in prompts],
             images=images,
+            extras=extras,
         )
 
     # ---- training ---------------------------------------------------------------------------------------
@@ -301,6 +328,11 @@ def _with_final_zero(timesteps: torch.Tensor) -> torch.Tensor:
 def _draw(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(B, *shape) standard normal noise, sample i from `generators[i]` (advancing it)."""
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
+
+
+def _draw_window_starts(generators: Sequence[torch.Generator], num_starts: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 SDE-window starts, uniform in [0, num_starts), sample i from `generators[i]` (advancing it)."""
+    return torch.cat([torch.randint(num_starts, (1,), generator=g, device=g.device) for g in generators]).to(device)
 
 
 class UNetFlowPolicy(StableDiffusionText, FlowMatchingPolicy):

@@ -21,7 +21,8 @@ class Trajectory:
     pooled_embeds, negative_pooled_embeds: (B, D) pooled text embeddings of SD3 and FLUX, else None
     model_outputs:   (B, T, ...) or None  the guided model output (velocity) at each step, when the sampler keeps
                                           it (FDFO's v_ref)
-    extras:          per-sample tensors (B, ...) an algorithm attaches for training (FDFO's finite differences)
+    extras:          per-sample tensors (B, ...) the sampler records or an algorithm attaches for training (the
+                     start of Flow-GRPO-Fast's SDE window, FDFO's finite differences)
     prompts, metadata, images: per-sample Python objects (images are the decoded x_0)
     """
 
