@@ -87,7 +87,7 @@ def test_eval_of_a_directory_that_is_not_a_run(tmp_path):
 @pytest.mark.slow
 def test_eval_on_a_shapes_run_reports_the_judge_on_trained_and_heldout_prompts(tmp_path):
     out = tmp_path / "shapes"
-    small = ["sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=4", "train.epochs=1",
+    small = ["sample.batch_size=4", "sample.num_batches_per_epoch=1", "sample.samples_per_prompt=4", "train.batch_size=4", "train.epochs=1",
              "sample.num_steps=10", "log.num_eval_seeds=1", "log.eval_every=0"]  # fmt: skip
     result = run_cli(["train", "--out", str(out), "--no-progress", *[a for o in small for a in ("--set", o)]])
     assert result.exit_code == 0, result.output
@@ -95,7 +95,7 @@ def test_eval_on_a_shapes_run_reports_the_judge_on_trained_and_heldout_prompts(t
     assert all(o.exit_code == 0 for o in outputs), outputs[0].output
     first, second = (json.loads(o.output) for o in outputs)
     assert first["models"] == second["models"]
-    assert first["rewards"] == ["shapes_alignment", "shapes_judge"]
+    assert first["rewards"] == ["shapes_alignment_soft", "shapes_judge"]  # the training reward, then the judge
     assert len(first["prompts"]["trained"]) == len(first["prompts"]["heldout"]) == 12
     for model in ("base", "epoch-0001"):
         groups = first["models"][model]["groups"]
