@@ -216,7 +216,7 @@ def test_reward_url_in_the_config():
         reward = build_reward_from_config(config.reward)
         assert reward.reward.retries == 1
         np.testing.assert_array_equal(reward(noise_images(1), ["a"], [{}]).scores, helpers.mean_pixel(noise_images(1), ["a"], [{}]).scores)
-        with pytest.raises(RemoteRewardError, match="serves 'mean_pixel', not 'shapes_alignment'"):
+        with pytest.raises(RemoteRewardError, match="serves 'mean_pixel', not 'shapes_alignment_soft'"):
             build_reward_from_config(load_config("shapes/default", [f'reward.url="{url}"']).reward)
     with pytest.raises(ConfigError, match="reward.url serves one reward"):
         load_config("shapes/default", ['reward.url="http://x"', 'reward.terms=[{name="jpeg_compressibility", weight=1.0}]'])
