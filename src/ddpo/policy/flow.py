@@ -222,14 +222,14 @@ class FlowMatchingPolicy(DiffusersPolicy):
             if sampler == "ode":
                 latents = euler_step(v, latents, sigma, sigma_next)
                 log_prob = torch.full((batch,), float("nan"), device=self.device)
-            elif window:  # Flow-GRPO-Fast: the SDE step inside each sample's window, the ODE step outside it
-                step = self._step(sampler, v, latents, sigma, sigma_next, sigma_max, noise=step_noise[:, i])
-                in_window = (window_start <= i) & (i < window_start + window)
-                latents = torch.where(in_window.view(-1, *[1] * (latents.ndim - 1)), step.prev_sample, euler_step(v, latents, sigma, sigma_next))
-                log_prob = torch.where(in_window, step.log_prob, float("nan"))
             else:
                 step = self._step(sampler, v, latents, sigma, sigma_next, sigma_max, noise=step_noise[:, i])
-                latents, log_prob = step.prev_sample, step.log_prob
+                if window:  # Flow-GRPO-Fast: the SDE step inside each sample's window, the ODE step outside it
+                    in_window = (window_start <= i) & (i < window_start + window)
+                    latents = torch.where(in_window.view(-1, *[1] * (latents.ndim - 1)), step.prev_sample, euler_step(v, latents, sigma, sigma_next))
+                    log_prob = torch.where(in_window, step.log_prob, float("nan"))
+                else:
+                    latents, log_prob = step.prev_sample, step.log_prob
             all_latents.append(latents)
             all_log_probs.append(log_prob)
             if sampler == "churn":

@@ -122,7 +122,8 @@ class StableDiffusionText:
             distinct, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
         embeds = torch.cat([self.text_encoder(row[None])[0] for row in ids]).float()
-        return embeds[[distinct.index(prompt) for prompt in prompts]]
+        position = {prompt: k for k, prompt in enumerate(distinct)}
+        return embeds[[position[prompt] for prompt in prompts]]
 
     def negative_embeds(self, batch_size: int) -> torch.Tensor:
         if self._negative_embeds is None:
