@@ -96,8 +96,8 @@ KILL_DURING_CHECKPOINT = textwrap.dedent(
     from ddpo.cli import main
     original = Trainer._write_checkpoint
 
-    def slow_write(self, directory, epoch):
-        original(self, directory, epoch)
+    def slow_write(self, directory, epoch, state):
+        original(self, directory, epoch, state)
         if epoch == 2:  # the second checkpoint is complete in its temporary directory, but not yet renamed
             (directory / "WRITING").touch()
             time.sleep(600)

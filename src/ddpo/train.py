@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker, get_available_trackers
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file
@@ -33,10 +31,12 @@ from .monitor import EARLY_STOP_METRIC, Monitor, tracker_metrics
 from .policy import SDE_WINDOW_START, DiffusersPolicy, Trajectory, build_policy
 from .prompts import build_prompt_source
 from .rewards import RewardError, RewardOutput, build_reward_from_config
+from .sharding import CheckpointState, build_accelerator, check_and_configure, gather_checkpoint_state, is_fsdp, load_checkpoint_state
 from .run_directory import TRAINER_STATE, RunDirectory, append_jsonl, epoch_name, read_jsonl, write_text_atomic
 from .utils import derive_seed, generators_for, image_grid
 
 GRID_PROMPTS = 4
+DEEPSPEED_OPTIMIZER_STATE = "deepspeed_optimizer.pt"  # in a checkpoint directory: ZeRO's optimizer state, one entry per process
 
 
 @dataclass
@@ -59,17 +59,17 @@ class Trainer:
         if config.model.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("model.mixed_precision='fp16' needs a CUDA GPU; use 'no' (or 'bf16') on this machine")
         self.config = config
-        # accelerate only sets up a multi-process CPU group (gloo) when told the run is on CPU; without this, a
-        # `accelerate launch --num_processes 2` on a machine with no GPU would train 2 unsynchronised copies.
-        multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         # TensorBoard always logs, into RUN_DIR/tb itself (the tracker creates it only when started).
         trackers = [TensorBoardTracker("", str(Path(run_dir) / "tb")), *_extra_trackers(config)]
-        self.accelerator = Accelerator(
-            cpu=multi_process_cpu,
+        self.accelerator = build_accelerator(
             mixed_precision=config.model.mixed_precision,
             log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         )
+        check_and_configure(self.accelerator, config)  # DeepSpeed / FSDP: refuse what cannot run, fill DeepSpeed's config
+        # Under FSDP every call of the network is a collective (its weights are sharded): grids and evaluations,
+        # which only the main process keeps, are sampled by every process.
+        self.collective_forward = is_fsdp(self.accelerator)
         self.sizes = derived_batch_sizes(config, self.accelerator.num_processes)
         self.progress = progress and self.accelerator.is_local_main_process
         device = self.accelerator.device
@@ -242,6 +242,7 @@ class Trainer:
                     width = columns.shape[1]
                     micro_step += width
                     sync = micro_step % micro_steps_per_optimizer_step == 0
+                    self.accelerator.sync_gradients = sync  # DeepSpeed's engine steps at the micro-step accelerate marks
                     with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
                         prediction = self.policy.predict(part, columns, reference=kl_weight > 0)
                         log_prob, old_log_prob = self.algorithm.log_likelihoods(prediction, part, rows, columns)
@@ -260,9 +261,13 @@ class Trainer:
                         totals.setdefault(name, []).extend([value.detach().float()] * width)
                     if sync:
                         grad_norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), config.train.max_grad_norm)
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                            grad_norm = grad_norm.full_tensor()
+                        grad_norm = math.nan if grad_norm is None else grad_norm
                         totals.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32, device=self.accelerator.device))
-                        self.optimizer.step()
+                        self.optimizer.step()  # under DeepSpeed, the engine stepped in backward
                         self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.sync_gradients = True
         means = {name: torch.stack(values).mean() for name, values in totals.items()}
         reduced = {name: float(self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")) for name, value in means.items()}
         return reduced, time.perf_counter() - started
@@ -305,6 +310,9 @@ class Trainer:
         """The periodic evaluation (`ddpo.monitor`) on the main process; True on every process when its
         held-out score is a new best and early stopping keeps best checkpoints."""
         new_best = False
+        if self.collective_forward and not self.accelerator.is_main_process:
+            with self.policy.evaluation():
+                self.monitor.evaluate(self.policy, epoch, epoch * self.sizes["samples_per_epoch"])  # the same calls as the main process's
         if self.accelerator.is_main_process:
             with self.policy.evaluation():
                 record = self.monitor.evaluate(self.policy, epoch, epoch * self.sizes["samples_per_epoch"])
@@ -358,12 +366,13 @@ class Trainer:
         record.update({f"reward_{k}": v for k, v in samples.reward_info.items()})
         save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs or new_best or stop
         prompt_rewards = self._prompt_rewards(samples)
+        checkpoint = self._checkpoint_state() if save else None
+        self.save_sample_grid(epoch)
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics(record)
             append_jsonl(self.run_dir.prompt_rewards_path, {"epoch": epoch, "prompts": prompt_rewards})
-            self.save_sample_grid(epoch)
             if save:
-                self.run_dir.write_checkpoint(epoch, lambda d: self._write_checkpoint(d, epoch), keep_last=self.config.log.keep_last)
+                self.run_dir.write_checkpoint(epoch, lambda d: self._write_checkpoint(d, epoch, checkpoint), keep_last=self.config.log.keep_last)
             if new_best:
                 self._write_best(epoch)
             if stop:
@@ -419,7 +428,7 @@ class Trainer:
 
     def save_sample_grid(self, epoch: int) -> None:
         """Fixed prompts x fixed seeds, the same every epoch, so images can be compared across epochs."""
-        if not self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process and not self.collective_forward:
             return
         prompts = self.grid_prompts()
         seeds = self.config.log.num_eval_seeds
@@ -427,6 +436,8 @@ class Trainer:
         generators = [torch.Generator().manual_seed(derive_seed(self.config.seed, "grid", row, s)) for row, _, s in cells]
         with self.policy.evaluation():
             images = self.policy.sample([prompt for _, prompt, _ in cells], generators).images  # one batch, row by row
+        if not self.accelerator.is_main_process:
+            return
         image_grid(images, len(prompts), seeds).save(self.run_dir.sample_grid_path(epoch))
         if epoch == 0 or not self.run_dir.grid_layout_path.is_file():
             layout = {"prompts": prompts, "seeds": seeds, "cell_width": images[0].width, "cell_height": images[0].height}
@@ -443,13 +454,22 @@ class Trainer:
             canvas.paste(after, (before.width + gap, 0))
             canvas.save(self.run_dir.samples_dir / "before-after.png")
 
-    def _write_checkpoint(self, directory: Path, epoch: int) -> None:
-        self.policy.save_adapter(directory)
-        save_file(self.policy.trainable_state_dict(), str(directory / "trainable.safetensors"))
+    def _checkpoint_state(self) -> CheckpointState | None:
+        """The network's and optimizer's state on the main process (gathered from every process where sharded)."""
+        return gather_checkpoint_state(self.accelerator, self.policy, self.optimizer)
+
+    def _write_checkpoint(self, directory: Path, epoch: int, state: CheckpointState) -> None:
+        self.policy.save_adapter(directory, network_state=state.network)
+        save_file(state.trainable, str(directory / "trainable.safetensors"))
+        optimizer_state = state.optimizer
+        if state.optimizer_layout == "deepspeed-zero":  # not loadable with weights_only: a file of its own
+            torch.save(optimizer_state, directory / DEEPSPEED_OPTIMIZER_STATE)
+            optimizer_state = None
         torch.save(
             {
                 "epoch": epoch,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
+                "optimizer_layout": state.optimizer_layout,
                 "algorithm": self.algorithm.state_dict(),
                 "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
                 "config": config_to_dict(self.config),
@@ -459,9 +479,13 @@ class Trainer:
 
     def _load_latest_checkpoint(self) -> None:
         epoch, directory = self.run_dir.latest_checkpoint()
-        self.policy.load_trainable_state_dict(load_file(str(directory / "trainable.safetensors")))
         state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        layout = state.get("optimizer_layout", "torch")
+        optimizer_state = state["optimizer"]
+        if layout == "deepspeed-zero":  # ZeRO's state holds objects (its loss scaler) that only a full unpickle restores
+            optimizer_state = torch.load(directory / DEEPSPEED_OPTIMIZER_STATE, map_location="cpu", weights_only=False)
+        trainable = load_file(str(directory / "trainable.safetensors"))
+        load_checkpoint_state(self.accelerator, self.policy, self.optimizer, trainable, optimizer_state, layout)
         self.algorithm.load_state_dict(state["algorithm"])
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])

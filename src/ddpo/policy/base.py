@@ -104,10 +104,19 @@ class DiffusersPolicy:
             for name, tensor in state.items():
                 parameters[name].copy_(tensor)
 
-    def save_adapter(self, directory: str | Path) -> None:
+    def save_adapter(self, directory: str | Path, network_state: dict[str, torch.Tensor] | None = None) -> None:
         """LoRA in diffusers' format (`pipe.load_lora_weights(directory)` loads it), else the whole network
-        in `directory/<network_name>`."""
+        in `directory/<network_name>` (diffusers' `from_pretrained` format).
+
+        `network_state` is the whole network's state dict when the trainer gathered it because the network's own
+        parameters are only this process's shards (FSDP); it is then what is written, with the network's config.
+        """
         directory = Path(directory)
+        if network_state is not None:
+            if self.lora.enabled:
+                raise ValueError("save_adapter(network_state=...) writes a full fine-tune; this policy trains LoRA")
+            _save_network(self.model, network_state, directory / self.network_name)
+            return
         if self.lora.enabled:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
@@ -146,3 +155,19 @@ class DiffusersPolicy:
         """Sample as evaluation does. Policies whose evaluation sampler differs from the training one (the
         flow policies' deterministic ODE) switch inside this block; the DDIM policy evaluates as it trains."""
         yield
+
+
+def _save_network(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """`model.save_pretrained(directory)` with the weights of `state`: config.json and safetensors shards of at
+    most 10 GB with diffusers' names. FSDP2 makes the sharded model an instance of a class "FSDP<name>", so the
+    config names the class it was built from."""
+    import json
+
+    from huggingface_hub import save_torch_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads(model.to_json_string())
+    config["_class_name"] = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
