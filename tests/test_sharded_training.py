@@ -58,6 +58,7 @@ def train(model_dir: Path, prompt_file: Path, out: Path, *, batch_size: int, use
                 "train.lr": 1e-2 if use_lora else 1e-3,
                 "train.adam_epsilon": 1e-4,  # see tests/distributed_worker.py: keeps rounding noise out of Adam's first steps
                 "log.save_every": 1,
+                "log.eval_every": 1,  # under FSDP every process samples the main process's evaluation too
             },
         )  # fmt: skip
     prefix = [sys.executable]
