@@ -141,3 +141,20 @@ def test_sample_command_draws_with_the_trained_lora(two_epoch_run, tiny_pipeline
     a, b = np.asarray(Image.open(base), dtype=float), np.asarray(Image.open(tuned), dtype=float)
     assert a.shape == b.shape == (32, 96, 3)  # one row of 3 images at the model's native 32 px
     assert np.abs(a - b).max() > 0
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_allow_tf32_sets_torchs_tf32_flags(tiny_pipeline_dir, tmp_path, allow):
+    from helpers import tiny_overrides
+
+    from ddpo.config import load_config
+    from ddpo.train import Trainer
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not allow
+    try:
+        config = load_config("sd_compressibility", tiny_overrides(tiny_pipeline_dir, **{"model.allow_tf32": str(allow).lower()}))
+        Trainer(config, tmp_path / "run", progress=False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (allow, allow)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -59,6 +59,8 @@ class Trainer:
         if config.model.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("model.mixed_precision='fp16' needs a CUDA GPU; use 'no' (or 'bf16') on this machine")
         self.config = config
+        torch.backends.cuda.matmul.allow_tf32 = config.model.allow_tf32
+        torch.backends.cudnn.allow_tf32 = config.model.allow_tf32
         # TensorBoard always logs, into RUN_DIR/tb itself (the tracker creates it only when started).
         trackers = [TensorBoardTracker("", str(Path(run_dir) / "tb")), *_extra_trackers(config)]
         self.accelerator = build_accelerator(
