@@ -99,3 +99,25 @@ def test_batched_log_probs_give_the_loop_s_loss_and_gradients():
     assert all(g.abs().max() > 0 for g in loop_grads)
     for loop_grad, parameter in zip(loop_grads, policy.trainable_parameters()):
         assert torch.allclose(parameter.grad, loop_grad, atol=1e-5, rtol=0)
+
+
+def test_channels_last_stores_conv_weights_nhwc_and_samples_the_same_images(tiny_pipeline_dir):
+    """`model.channels_last` changes the memory layout, not the model: same chains within float rounding."""
+    from helpers import tiny_overrides
+
+    from ddpo.config import load_config
+    from ddpo.policy import build_policy
+
+    def policy(channels_last: bool):
+        overrides = tiny_overrides(tiny_pipeline_dir, **{"model.channels_last": str(channels_last).lower()})
+        return build_policy(load_config("sd_compressibility", overrides))
+
+    plain, nhwc = policy(False), policy(True)
+    conv = nhwc.model.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain.model.conv_in.weight.is_contiguous()
+    a = plain.sample(["a cat", "a dog"], generators(2), decode=False)
+    b = nhwc.sample(["a cat", "a dog"], generators(2), decode=False)
+    assert torch.allclose(a.latents, b.latents, atol=1e-4) and torch.allclose(a.log_probs, b.log_probs, atol=1e-3)
+    steps = torch.tensor([[0, 3], [1, 4]])
+    assert torch.allclose(nhwc.log_prob(b, steps), b.log_probs.gather(1, steps), atol=1e-5)  # still on-policy

@@ -59,10 +59,19 @@ def policy_for_pipeline(
     takes `sample.sde_window`); the DDIM policy has only its own (a "churn" request or `sample.sde_window` for a
     DDIM model is refused).
     """
-    model, sample = config.model, config.sample
+    model = config.model
     if lora is None:
         lora = LoraOptions(enabled=model.use_lora, rank=model.lora_rank, alpha=model.lora_alpha, target_modules=model.lora_target_modules)
     common = dict(train_cfg=config.train.cfg, gradient_checkpointing=model.gradient_checkpointing, device=device, inference_dtype=inference_dtype)
+    policy = _policy_for_pipeline(pipeline, config, sampler, lora, common)
+    if model.channels_last:
+        policy.model.to(memory_format=torch.channels_last)  # 4-d (convolution) weights only; the rest is unchanged
+    return policy
+
+
+def _policy_for_pipeline(pipeline, config, sampler: str, lora: LoraOptions, common: dict) -> DiffusersPolicy:
+    """`policy_for_pipeline` up to the memory format: the policy class for the pipeline, with its sampling options."""
+    model, sample = config.model, config.sample
     if not is_flow_pipeline(pipeline):
         if sampler == "churn":
             raise PolicyLoadError(
