@@ -312,12 +312,10 @@ class Trainer:
         """The periodic evaluation (`ddpo.monitor`) on the main process; True on every process when its
         held-out score is a new best and early stopping keeps best checkpoints."""
         new_best = False
-        if self.collective_forward and not self.accelerator.is_main_process:
-            with self.policy.evaluation():
-                self.monitor.evaluate(self.policy, epoch, epoch * self.sizes["samples_per_epoch"])  # the same calls as the main process's
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.collective_forward:  # under FSDP the others join the network's calls
             with self.policy.evaluation():
                 record = self.monitor.evaluate(self.policy, epoch, epoch * self.sizes["samples_per_epoch"])
+        if self.accelerator.is_main_process:
             append_jsonl(self.run_dir.monitor_path, record)
             self.accelerator.log(tracker_metrics(record), step=epoch)
             new_best = self.monitor.observe(record) and self.config.train.early_stop_on_heldout
@@ -368,7 +366,8 @@ class Trainer:
         record.update({f"reward_{k}": v for k, v in samples.reward_info.items()})
         save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs or new_best or stop
         prompt_rewards = self._prompt_rewards(samples)
-        checkpoint = self._checkpoint_state() if save else None
+        # The network's and optimizer's state on the main process (gathered from every process where sharded).
+        checkpoint = gather_checkpoint_state(self.accelerator, self.policy, self.optimizer) if save else None
         self.save_sample_grid(epoch)
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics(record)
@@ -455,10 +454,6 @@ class Trainer:
             canvas.paste(before, (0, 0))
             canvas.paste(after, (before.width + gap, 0))
             canvas.save(self.run_dir.samples_dir / "before-after.png")
-
-    def _checkpoint_state(self) -> CheckpointState | None:
-        """The network's and optimizer's state on the main process (gathered from every process where sharded)."""
-        return gather_checkpoint_state(self.accelerator, self.policy, self.optimizer)
 
     def _write_checkpoint(self, directory: Path, epoch: int, state: CheckpointState) -> None:
         self.policy.save_adapter(directory, network_state=state.network)
