@@ -83,3 +83,12 @@ def mean_brightness(images, prompts, metadata):
     import numpy as np
 
     return [float(np.asarray(image, dtype=np.float32).mean() / 255) for image in images]
+
+
+# Every prompt a reward was asked to score, for tests of which samples are scored.
+scored_prompts: list[str] = []
+
+
+def recording_brightness(images, prompts, metadata):
+    scored_prompts.extend(prompts)
+    return mean_brightness(images, prompts, metadata)

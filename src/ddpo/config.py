@@ -94,6 +94,9 @@ class SampleConfig:
     """Images per sampling batch, per process."""
     num_batches_per_epoch: int = 4
     """Sampling batches per epoch, per process."""
+    anchor_batches_per_epoch: int = 0
+    """Sampling batches per epoch, per process, of `prompts.anchor_source`'s prompts, after the trained ones:
+    never scored, they only carry `train.anchor_kl_weight`'s KL to the base model (prior preservation)."""
     samples_per_prompt: int = 1
     """Consecutive samples (by global sample index) that share one drawn prompt: groups of this size give
     per-prompt advantage statistics from the first epoch on (Flow-GRPO's groups); 1 draws a prompt per sample."""
@@ -152,6 +155,10 @@ class TrainConfig:
     """Weight of the KL to the reference model (the base model: LoRA disabled) added to every algorithm's loss,
     per step: ||mu_theta - mu_ref||^2 / (2 std^2) for the Gaussian steps (Flow-GRPO's beta, DPOK), and
     mean ||v - v_ref||^2 for fdfo. 0 = off. Needs model.use_lora; one more model pass per trained step."""
+    anchor_kl_weight: float = 0.0
+    """Weight of the KL to the base model on the anchor samples (`sample.anchor_batches_per_epoch`), per step
+    as `kl_weight`'s: holds the model near the base on prompts it already draws well (DreamBooth's prior
+    preservation, with the KL of DPOK), so that what RL learns on the trained prompts may not rewrite them."""
     global_std: bool = False
     """Divide by the std of the whole epoch's rewards instead of each group's (flow_grpo, the paper's option) or
     each prompt's running std (ddpo_is / ddpo_sf with per-prompt tracking; the mean stays the prompt's own)."""
@@ -208,6 +215,8 @@ class PromptsConfig:
     """Prompt file of the "file" source, one prompt per line."""
     eval_prompts: list[str] = field(default_factory=list)
     """Trained prompts of `ddpo eval` and of the periodic evaluation; empty means every prompt of the source."""
+    anchor_source: str = ""
+    """Prompt source of the anchor batches (`sample.anchor_batches_per_epoch`), e.g. "shapes_common"."""
     heldout_file: str = ""
     """Held-out prompts, one per line, never trained on: evaluation reports them apart (generalization).
     Empty: the Shapes world's held-out unusual prompts when `source` is "shapes_unusual_train", else none."""
@@ -551,6 +560,14 @@ def validate(config: Config) -> None:
         train.kl_weight == 0 or model.use_lora,
         f"train.kl_weight={train.kl_weight:g} needs model.use_lora=true: the reference model is the base with the LoRA disabled",
     )
+    anchors = sample.anchor_batches_per_epoch
+    _check(anchors >= 0, f"sample.anchor_batches_per_epoch={anchors} must be >= 0")
+    _check(
+        (anchors > 0) == bool(config.prompts.anchor_source) == (train.anchor_kl_weight > 0),
+        f"anchors need all three of sample.anchor_batches_per_epoch > 0 (it is {anchors}), prompts.anchor_source "
+        f"(it is {config.prompts.anchor_source!r}) and train.anchor_kl_weight > 0 (it is {train.anchor_kl_weight:g}), or none of them",
+    )
+    _check(anchors == 0 or model.use_lora, "anchors (sample.anchor_batches_per_epoch) need model.use_lora=true: their KL is to the base model, the LoRA disabled")
     algorithm = ALGORITHMS[train.algorithm]
     _check(
         sample.sde_window == 0 or algorithm.sampler == "sde",
@@ -596,6 +613,11 @@ def validate(config: Config) -> None:
         _check(bool(prompts.file), f"prompts.source='{prompts.source}' needs prompts.file, one prompt per line")
     else:
         _check(not prompts.file, f"prompts.file is set but prompts.source='{prompts.source}' reads no file")
+    if prompts.anchor_source:
+        try:
+            _check(not reads_file(prompt_source_factory(prompts.anchor_source)), f"prompts.anchor_source='{prompts.anchor_source}' reads a file; anchors come from a registered list")
+        except ValueError as error:
+            raise ConfigError(f"prompts.anchor_source: {error}") from error
 
     _check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
     _check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
@@ -658,12 +680,14 @@ def _check_reward(reward: RewardConfig) -> None:
 def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
     """The batch arithmetic of an epoch, computed and checked here only.
 
-    Each process samples `sample.batch_size x sample.num_batches_per_epoch` images per epoch; the trainer
-    shuffles them and splits them into micro-batches of `train.batch_size`, accumulating
+    Each process samples `sample.batch_size x sample.num_batches_per_epoch` scored images per epoch (and
+    `sample.batch_size x sample.anchor_batches_per_epoch` unscored anchors, dealt out to the micro-batches,
+    which they do not count in); the trainer shuffles the scored ones and splits them into micro-batches of `train.batch_size`, accumulating
     `train.gradient_accumulation_steps` micro-batches (ddpo_sf: all of them) per optimizer step.
 
     Returns:
-        num_processes; samples_per_epoch (all processes); samples_per_process; num_train_timesteps (denoising
+        num_processes; samples_per_epoch (scored samples = reward queries, all processes);
+        anchor_samples_per_epoch (all processes); samples_per_process (scored); num_train_timesteps (denoising
         steps trained per sample: `train.timestep_fraction` of `sample.num_steps` rounded down, or with
         `sample.sde_window` of the window's SDE steps rounded up); minibatches_per_epoch (micro-batches per
         process per inner epoch); accumulation_steps (micro-batches per optimizer step);
@@ -698,7 +722,8 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
         num_train_timesteps = max(1, int(sample.num_steps * train.timestep_fraction))
     return {
         "num_processes": num_processes,
-        "samples_per_epoch": samples_per_process * num_processes,
+        "samples_per_epoch": sample.batch_size * sample.num_batches_per_epoch * num_processes,
+        "anchor_samples_per_epoch": sample.batch_size * sample.anchor_batches_per_epoch * num_processes,
         "samples_per_process": samples_per_process,
         "num_train_timesteps": num_train_timesteps,
         "minibatches_per_epoch": minibatches,

@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +86,7 @@ class Trainer:
             self.policy: DiffusersPolicy = build_policy(config, device, inference_dtype=inference_dtype, sampler=self.algorithm.sampler)
         self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
+        self.anchor_source = build_prompt_source(config.prompts.anchor_source) if config.prompts.anchor_source else None
         self.monitor = Monitor(config, self.reward)  # the evaluation prompts and the held-out scorer
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
@@ -154,10 +155,11 @@ class Trainer:
     def describe(self) -> None:
         if self.accelerator.is_main_process:
             s = self.sizes
+            anchors = f" (+ {s['anchor_samples_per_epoch']} unscored anchors)" if s["anchor_samples_per_epoch"] else ""
             window = f" (from a window of {self.config.sample.sde_window} SDE steps)" if self.config.sample.sde_window else ""
             self.accelerator.print(
                 f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {self.reward.name}; "
-                f"{s['num_processes']} process(es) x {s['samples_per_process']} samples = {s['samples_per_epoch']} samples/epoch; "
+                f"{s['num_processes']} process(es) x {s['samples_per_epoch'] // s['num_processes']} samples = {s['samples_per_epoch']} samples/epoch{anchors}; "
                 f"{s['num_train_timesteps']} of {self.config.sample.num_steps} steps trained per sample{window}; "
                 f"{s['optimizer_steps_per_epoch']} optimizer steps/epoch of {s['samples_per_optimizer_step']} samples; "
                 f"{len(self.policy.trainable_parameters())} trainable tensors "
@@ -170,16 +172,23 @@ class Trainer:
         batch = config.sample.batch_size
         started = time.perf_counter()
         trajectories, futures, all_indices = [], [], []
-        for b in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=not self.progress, leave=False):
+        num_batches = config.sample.num_batches_per_epoch + config.sample.anchor_batches_per_epoch
+        for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not self.progress, leave=False):
             # Global sample index: batch-major, then process, then position, so that a 1-process run with the
-            # same global batch sees the same samples in the same order.
+            # same global batch sees the same samples in the same order. Anchor batches come last.
             indices = [(b * world + rank) * batch + i for i in range(batch)]
-            group = config.sample.samples_per_prompt
-            prompts, metadata = zip(*(self.prompt_source(random.Random(derive_seed(config.seed, "prompt", epoch, i // group if group > 1 else i))) for i in indices))
+            anchor = b >= config.sample.num_batches_per_epoch
+            group = 1 if anchor else config.sample.samples_per_prompt
+            source, purpose = (self.anchor_source, "anchor") if anchor else (self.prompt_source, "prompt")
+            prompts, metadata = zip(*(source(random.Random(derive_seed(config.seed, purpose, epoch, i // group if group > 1 else i))) for i in indices))
             # Algorithms whose groups share the initial noise (FDFO's pairs) draw it from the group's generator.
             initial = generators_for(config.seed, "initial-noise", epoch, [i // group for i in indices]) if self.algorithm.shared_initial_noise else None
             trajectory = self.policy.sample(list(prompts), generators_for(config.seed, "noise", epoch, indices), list(metadata), initial_noise_generators=initial)
-            futures.append(self._executor.submit(self.reward, trajectory.images, trajectory.prompts, trajectory.metadata))
+            if anchor:  # never scored: anchors carry only the KL to the base model
+                futures.append(Future())
+                futures[-1].set_result(RewardOutput(scores=np.full(batch, np.nan, dtype=np.float32)))
+            else:
+                futures.append(self._executor.submit(self.reward, trajectory.images, trajectory.prompts, trajectory.metadata))
             trajectories.append(trajectory)
             all_indices += indices
         sampled = time.perf_counter()
@@ -213,29 +222,37 @@ class Trainer:
         rewards = self.accelerator.gather(samples.rewards)
         prompts = gather_object(samples.trajectory.prompts) if self.accelerator.num_processes > 1 else samples.trajectory.prompts
         order = torch.argsort(indices)
+        order = order[~self.is_anchor(indices[order])]  # anchors have no reward: their advantage is 0
         global_advantages = self.algorithm.advantages(rewards[order].float().cpu(), [prompts[i] for i in order.tolist()])
         position = {int(index): k for k, index in enumerate(indices[order].tolist())}
-        local = [position[int(i)] for i in samples.indices.tolist()]
-        return global_advantages[local].to(self.accelerator.device)
+        advantages = [float(global_advantages[position[i]]) if i in position else 0.0 for i in samples.indices.tolist()]
+        return torch.tensor(advantages, dtype=global_advantages.dtype, device=self.accelerator.device)
+
+    def is_anchor(self, indices: torch.Tensor) -> torch.Tensor:
+        """Which global sample indices are of anchor batches (they follow the trained batches)."""
+        return indices >= self.config.sample.num_batches_per_epoch * self.accelerator.num_processes * self.config.sample.batch_size
 
     def update(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> tuple[dict[str, float], float]:
         """Inner epochs over shuffled minibatches and shuffled timesteps, with gradient accumulation."""
         config, sizes = self.config, self.sizes
         started = time.perf_counter()
         trajectory = samples.trajectory
-        num_samples = len(trajectory)
         micro_steps_per_optimizer_step = sizes["accumulation_steps"] * sizes["num_train_timesteps"]
         totals: dict[str, list[torch.Tensor]] = {}
         micro_step = 0
         chunk = config.train.timestep_chunk or sizes["num_train_timesteps"]
-        kl_weight = config.train.kl_weight
+        kl_weight, anchor_kl_weight = config.train.kl_weight, config.train.anchor_kl_weight
+        num_trained = int((~self.is_anchor(samples.indices)).sum())  # this process's scored samples come first
         for inner in range(config.train.inner_epochs):
-            minibatches = self._minibatches(epoch, inner, num_samples)
+            minibatches = self._minibatches(epoch, inner, num_trained)
+            anchor_parts = self._anchor_parts(epoch, inner, num_trained, len(trajectory), len(minibatches))
             steps = self._trained_steps(epoch, inner, samples)
-            for minibatch in tqdm(minibatches, desc=f"epoch {epoch}.{inner} training", disable=not self.progress, leave=False):
+            for minibatch, anchor_part in tqdm(zip(minibatches, anchor_parts), total=len(minibatches), desc=f"epoch {epoch}.{inner} training", disable=not self.progress, leave=False):
                 part = trajectory.select(minibatch)
                 part_steps = steps[minibatch].to(part.latents.device)
                 part_advantages = advantages[minibatch.to(advantages.device)]
+                anchor = trajectory.select(anchor_part) if len(anchor_part) else None
+                anchor_steps = steps[anchor_part].to(part.latents.device)
                 rows = torch.arange(len(part), device=part.latents.device)[:, None]
                 # `timestep_chunk` timesteps per model call; the loss of a chunk of c timesteps is the mean over
                 # its b*c (sample, timestep) pairs, so scaling it by c gives the gradient of c per-timestep losses.
@@ -249,17 +266,22 @@ class Trainer:
                         prediction = self.policy.predict(part, columns, reference=kl_weight > 0)
                         log_prob, old_log_prob = self.algorithm.log_likelihoods(prediction, part, rows, columns)
                         output = self.algorithm.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), part_advantages.repeat_interleave(width))
-                        loss = output.loss
+                        loss, metrics = output.loss, output.metrics
                         if kl_weight > 0:  # KL to the reference model (adapters off), in the algorithm's own terms
                             kl = self.algorithm.kl_to_reference(prediction).mean()
                             loss = loss + kl_weight * kl
-                            output.metrics["kl_to_reference"] = kl.detach()
+                            metrics["kl_to_reference"] = kl.detach()
+                        if anchor is not None:  # the anchors' KL to the base model, in the same gradient as the reward's
+                            anchor_columns = anchor_steps[:, start : start + chunk]
+                            kl = self.algorithm.kl_to_reference(self.policy.predict(anchor, anchor_columns, reference=True)).mean()
+                            loss = loss + anchor_kl_weight * kl
+                            metrics["anchor_kl"] = kl.detach()
                         finite = bool(torch.isfinite(loss.detach()))
                         if self._any_process(not finite):  # every process stops, or the others hang in backward
                             value = f"is {loss.item()}" if not finite else "is not finite on another process"
                             raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss {value}; stopping before it reaches the weights")
                         self.accelerator.backward(loss * width / micro_steps_per_optimizer_step)
-                    for name, value in output.metrics.items():
+                    for name, value in metrics.items():
                         totals.setdefault(name, []).extend([value.detach().float()] * width)
                     if sync:
                         grad_norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), config.train.max_grad_norm)
@@ -293,7 +315,8 @@ class Trainer:
         return steps[:, : self.sizes["num_train_timesteps"]]
 
     def _minibatches(self, epoch: int, inner: int, num_samples: int) -> list[torch.Tensor]:
-        """This process's minibatches (positions into its samples) for one inner epoch.
+        """This process's minibatches (positions into its first `num_samples` samples, the scored ones) for one
+        inner epoch.
 
         When a minibatch is a whole sampling batch (`train.batch_size == sample.batch_size`), minibatches are
         the sampling batches in an order shared by every process, so the k-th optimizer step of a W-process run
@@ -307,6 +330,12 @@ class Trainer:
             return [torch.arange(k * batch, (k + 1) * batch) for k in torch.randperm(num_samples // batch, generator=generator).tolist()]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", epoch, inner, self.accelerator.process_index))
         return list(torch.randperm(num_samples, generator=generator).split(config.train.batch_size))
+
+    def _anchor_parts(self, epoch: int, inner: int, start: int, stop: int, num_minibatches: int) -> list[torch.Tensor]:
+        """The anchor samples (positions `start`..`stop`) shuffled and dealt out to the minibatches as evenly as
+        they go: each minibatch's loss adds the KL of its share, so the weight is felt within every gradient."""
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "shuffle-anchors", epoch, inner, self.accelerator.process_index))
+        return list((start + torch.randperm(stop - start, generator=generator)).tensor_split(num_minibatches))
 
     def evaluate(self, epoch: int) -> bool:
         """The periodic evaluation (`ddpo.monitor`) on the main process; True on every process when its
@@ -347,6 +376,7 @@ class Trainer:
 
     def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, *, new_best: bool = False, stop: bool = False) -> None:
         rewards = self.accelerator.gather(samples.rewards).float().cpu()
+        rewards = rewards[~rewards.isnan()]  # anchor samples are not scored
         record = {
             "epoch": epoch,
             "samples": epoch * self.sizes["samples_per_epoch"],
@@ -390,7 +420,7 @@ class Trainer:
 
     def _prompt_rewards(self, samples: EpochSamples) -> dict[str, dict[str, float]]:
         """Each prompt's reward mean, std and count over this epoch's global batch."""
-        pairs = list(zip(samples.trajectory.prompts, samples.rewards.float().cpu().tolist()))
+        pairs = [(p, r) for p, r in zip(samples.trajectory.prompts, samples.rewards.float().cpu().tolist()) if not math.isnan(r)]
         if self.accelerator.num_processes > 1:
             pairs = gather_object(pairs)
         by_prompt: dict[str, list[float]] = {}
