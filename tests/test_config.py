@@ -181,6 +181,7 @@ def test_derived_batch_sizes_arithmetic():
     assert derived_batch_sizes(config, num_processes=3) == {
         "num_processes": 3,
         "samples_per_epoch": 24,
+        "anchor_samples_per_epoch": 0,
         "samples_per_process": 8,
         "num_train_timesteps": 25,
         "minibatches_per_epoch": 4,

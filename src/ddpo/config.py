@@ -96,7 +96,8 @@ class SampleConfig:
     """Sampling batches per epoch, per process."""
     anchor_batches_per_epoch: int = 0
     """Sampling batches per epoch, per process, of `prompts.anchor_source`'s prompts, after the trained ones:
-    never scored, they only carry `train.anchor_kl_weight`'s KL to the base model (prior preservation)."""
+    never scored, they only carry `train.anchor_kl_weight`'s KL to the base model (prior preservation). Each
+    process deals its anchors out to its own micro-batches, so with anchors a run depends on the process count."""
     samples_per_prompt: int = 1
     """Consecutive samples (by global sample index) that share one drawn prompt: groups of this size give
     per-prompt advantage statistics from the first epoch on (Flow-GRPO's groups); 1 draws a prompt per sample."""
