@@ -616,9 +616,10 @@ def validate(config: Config) -> None:
         _check(not prompts.file, f"prompts.file is set but prompts.source='{prompts.source}' reads no file")
     if prompts.anchor_source:
         try:
-            _check(not reads_file(prompt_source_factory(prompts.anchor_source)), f"prompts.anchor_source='{prompts.anchor_source}' reads a file; anchors come from a registered list")
+            anchor_factory = prompt_source_factory(prompts.anchor_source)
         except ValueError as error:
             raise ConfigError(f"prompts.anchor_source: {error}") from error
+        _check(not reads_file(anchor_factory), f"prompts.anchor_source='{prompts.anchor_source}' reads a file; anchors come from a registered list")
 
     _check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
     _check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
@@ -683,8 +684,9 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
 
     Each process samples `sample.batch_size x sample.num_batches_per_epoch` scored images per epoch (and
     `sample.batch_size x sample.anchor_batches_per_epoch` unscored anchors, dealt out to the micro-batches,
-    which they do not count in); the trainer shuffles the scored ones and splits them into micro-batches of `train.batch_size`, accumulating
-    `train.gradient_accumulation_steps` micro-batches (ddpo_sf: all of them) per optimizer step.
+    which they do not count in); the trainer shuffles the scored ones and splits them into micro-batches of
+    `train.batch_size`, accumulating `train.gradient_accumulation_steps` micro-batches (ddpo_sf: all of them)
+    per optimizer step.
 
     Returns:
         num_processes; samples_per_epoch (scored samples = reward queries, all processes);
@@ -723,7 +725,7 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
         num_train_timesteps = max(1, int(sample.num_steps * train.timestep_fraction))
     return {
         "num_processes": num_processes,
-        "samples_per_epoch": sample.batch_size * sample.num_batches_per_epoch * num_processes,
+        "samples_per_epoch": samples_per_process * num_processes,
         "anchor_samples_per_epoch": sample.batch_size * sample.anchor_batches_per_epoch * num_processes,
         "samples_per_process": samples_per_process,
         "num_train_timesteps": num_train_timesteps,

@@ -222,11 +222,12 @@ class Trainer:
         rewards = self.accelerator.gather(samples.rewards)
         prompts = gather_object(samples.trajectory.prompts) if self.accelerator.num_processes > 1 else samples.trajectory.prompts
         order = torch.argsort(indices)
-        order = order[~self.is_anchor(indices[order])]  # anchors have no reward: their advantage is 0
-        global_advantages = self.algorithm.advantages(rewards[order].float().cpu(), [prompts[i] for i in order.tolist()])
+        scored = int((~self.is_anchor(indices)).sum())  # anchors have the largest indices: they sort last
+        global_advantages = torch.zeros(len(order))  # anchors have no reward: their advantage is 0
+        global_advantages[:scored] = self.algorithm.advantages(rewards[order[:scored]].float().cpu(), [prompts[i] for i in order[:scored].tolist()])
         position = {int(index): k for k, index in enumerate(indices[order].tolist())}
-        advantages = [float(global_advantages[position[i]]) if i in position else 0.0 for i in samples.indices.tolist()]
-        return torch.tensor(advantages, dtype=global_advantages.dtype, device=self.accelerator.device)
+        local = [position[int(i)] for i in samples.indices.tolist()]
+        return global_advantages[local].to(self.accelerator.device)
 
     def is_anchor(self, indices: torch.Tensor) -> torch.Tensor:
         """Which global sample indices are of anchor batches (they follow the trained batches)."""
