@@ -216,3 +216,17 @@ def test_an_sde_window_for_a_ddim_model_is_refused_naming_the_key():
     with pytest.raises(PolicyLoadError, match="sample.sde_window=2 mixes a flow model's SDE and ODE steps") as error:
         policy_for_pipeline(TINY_PIPELINES["sd"](seed=0), config)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_a_prompt_s_conditioning_does_not_depend_on_the_batch_it_is_encoded_in(kind):
+    """Bitwise: each distinct prompt is encoded on its own, so a sample's conditioning (and hence its trajectory)
+    is the same whether it was drawn alone, with other prompts, or on another process of a larger run."""
+    policy = make_policy(kind, perturb=False)
+    prompts = ["a cat", "a dog wearing a hat", "an otter", "a cat"] * 3
+    batched = policy.encode(prompts)
+    for k, prompt in enumerate(prompts):
+        alone = policy.encode([prompt])
+        assert torch.equal(batched.embeds[k], alone.embeds[0]), prompt
+        if alone.pooled is not None:
+            assert torch.equal(batched.pooled[k], alone.pooled[0]), prompt

@@ -11,7 +11,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from .base import LoraOptions
+from .base import LoraOptions, encode_each_distinct
 from .flow import Conditioning, FlowMatchingPolicy, FlowSamplingOptions
 from .stable_diffusion import vae_scale_factor
 
@@ -50,7 +50,11 @@ class FluxPolicy(FlowMatchingPolicy):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
-        embeds, pooled, _ = self.pipeline.encode_prompt(prompts, None, device=self.device, max_sequence_length=self.max_sequence_length)
+        def encode_one(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, pooled, _ = self.pipeline.encode_prompt([prompt], None, device=self.device, max_sequence_length=self.max_sequence_length)
+            return embeds, pooled
+
+        embeds, pooled = encode_each_distinct(prompts, encode_one)  # batch-independent floats
         return Conditioning(embeds=embeds.float(), negative=embeds.float(), pooled=pooled.float())
 
     def _schedule_kwargs(self, num_steps: int) -> dict:

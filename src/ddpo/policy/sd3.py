@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .base import LoraOptions
+from .base import LoraOptions, encode_each_distinct
 from .flow import Conditioning, FlowMatchingPolicy, FlowSamplingOptions
 from .stable_diffusion import vae_scale_factor
 
@@ -41,9 +41,13 @@ class StableDiffusion3Policy(FlowMatchingPolicy):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompts, None, None, device=self.device, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length
-        )
+        def encode_one(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                [prompt], None, None, device=self.device, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length
+            )
+            return embeds, pooled
+
+        embeds, pooled = encode_each_distinct(prompts, encode_one)  # batch-independent floats
         return Conditioning(embeds=embeds.float(), negative=embeds.float(), pooled=pooled.float())
 
     def velocity(self, model, latents, sigmas, conditioning, guidance):

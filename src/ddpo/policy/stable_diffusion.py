@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.ddim import StepOutput, ddim_alphas, ddim_step, ddpm_step, gaussian_kl
-from .base import DEFAULT_LORA_TARGETS, DiffusersPolicy, LoraOptions
+from .base import DEFAULT_LORA_TARGETS, DiffusersPolicy, LoraOptions, encode_each_distinct
 from .trajectory import StepPrediction, Trajectory
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOptions", "StableDiffusionPolicy", "load_pipeline"]
@@ -110,20 +110,16 @@ class StableDiffusionText:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) last hidden states of the text encoder, padded to the tokenizer's max length.
+        """(B, L, D) last hidden states of the text encoder, padded to the tokenizer's max length; each distinct
+        prompt encoded on its own (`encode_each_distinct`)."""
 
-        Each distinct prompt is encoded once, on its own: a batched text-encoder call's floats depend on the
-        batch's size (measured: 6e-8 between batches of 2 and 4 copies of one prompt, 3e-5 in the latents after
-        6 steps), which would make a sample depend on the batch it was drawn in, and a 2-process run differ from a
-        1-process run with the same global batch.
-        """
-        distinct = list(dict.fromkeys(prompts))
-        ids = self.tokenizer(
-            distinct, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        embeds = torch.cat([self.text_encoder(row[None])[0] for row in ids]).float()
-        position = {prompt: k for k, prompt in enumerate(distinct)}
-        return embeds[[position[prompt] for prompt in prompts]]
+        def encode_one(prompt: str) -> tuple[torch.Tensor]:
+            ids = self.tokenizer(
+                [prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            return (self.text_encoder(ids)[0].float(),)
+
+        return encode_each_distinct(prompts, encode_one)[0]
 
     def negative_embeds(self, batch_size: int) -> torch.Tensor:
         if self._negative_embeds is None:
