@@ -159,7 +159,7 @@ class Trainer:
             window = f" (from a window of {self.config.sample.sde_window} SDE steps)" if self.config.sample.sde_window else ""
             self.accelerator.print(
                 f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {self.reward.name}; "
-                f"{s['num_processes']} process(es) x {s['samples_per_epoch'] // s['num_processes']} samples = {s['samples_per_epoch']} samples/epoch{anchors}; "
+                f"{s['num_processes']} process(es) x {s['samples_per_process']} samples = {s['samples_per_epoch']} samples/epoch{anchors}; "
                 f"{s['num_train_timesteps']} of {self.config.sample.num_steps} steps trained per sample{window}; "
                 f"{s['optimizer_steps_per_epoch']} optimizer steps/epoch of {s['samples_per_optimizer_step']} samples; "
                 f"{len(self.policy.trainable_parameters())} trainable tensors "
@@ -267,22 +267,22 @@ class Trainer:
                         prediction = self.policy.predict(part, columns, reference=kl_weight > 0)
                         log_prob, old_log_prob = self.algorithm.log_likelihoods(prediction, part, rows, columns)
                         output = self.algorithm.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), part_advantages.repeat_interleave(width))
-                        loss, metrics = output.loss, output.metrics
+                        loss = output.loss
                         if kl_weight > 0:  # KL to the reference model (adapters off), in the algorithm's own terms
                             kl = self.algorithm.kl_to_reference(prediction).mean()
                             loss = loss + kl_weight * kl
-                            metrics["kl_to_reference"] = kl.detach()
+                            output.metrics["kl_to_reference"] = kl.detach()
                         if anchor is not None:  # the anchors' KL to the base model, in the same gradient as the reward's
                             anchor_columns = anchor_steps[:, start : start + chunk]
                             kl = self.algorithm.kl_to_reference(self.policy.predict(anchor, anchor_columns, reference=True)).mean()
                             loss = loss + anchor_kl_weight * kl
-                            metrics["anchor_kl"] = kl.detach()
+                            output.metrics["anchor_kl"] = kl.detach()
                         finite = bool(torch.isfinite(loss.detach()))
                         if self._any_process(not finite):  # every process stops, or the others hang in backward
                             value = f"is {loss.item()}" if not finite else "is not finite on another process"
                             raise FloatingPointError(f"epoch {epoch}: the {self.algorithm.name} loss {value}; stopping before it reaches the weights")
                         self.accelerator.backward(loss * width / micro_steps_per_optimizer_step)
-                    for name, value in metrics.items():
+                    for name, value in output.metrics.items():
                         totals.setdefault(name, []).extend([value.detach().float()] * width)
                     if sync:
                         grad_norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), config.train.max_grad_norm)
