@@ -149,7 +149,7 @@ def test_registered_from_a_fresh_interpreter_without_loading_models():
         check_reward("shapes_alignment", {"describer": "x"})
         check_reward("shapes_attributes", {})
         check_reward("shapes_alignment_soft", {})
-        assert len(build_prompt_source("shapes_unusual_train").prompts) == 12
+        assert len(build_prompt_source("shapes_unusual_train").prompts) == 9
         assert "torch" not in sys.modules and "transformers" not in sys.modules, "registering imported torch"
         """
     )
@@ -160,8 +160,8 @@ def test_registered_from_a_fresh_interpreter_without_loading_models():
 @pytest.mark.parametrize(
     ("name", "size", "groups"),
     [
-        ("shapes_unusual_train", 12, {"unusual_train"}),
-        ("shapes_unusual_heldout", 12, {"unusual_heldout"}),
+        ("shapes_unusual_train", 9, {"unusual_train"}),
+        ("shapes_unusual_heldout", 6, {"unusual_heldout"}),
         ("shapes_common", len(COMMON) * 3, {"common"}),
         ("shapes_all", (len(COMMON) + len(UNUSUAL)) * 3, {"common", "unusual_train", "unusual_heldout", "unusual_other"}),
     ],
@@ -181,6 +181,6 @@ def test_heldout_prompts_are_disjoint_from_training_prompts():
     heldout = build_prompt_source("shapes_unusual_heldout")
     pairs = lambda source: {(entry["color"], entry["shape"]) for entry in source.metadata}  # noqa: E731
     assert not pairs(train) & pairs(heldout)
-    assert len(pairs(train)) == len(pairs(heldout)) == 4
+    assert (len(pairs(train)), len(pairs(heldout))) == (3, 2)
     common, everything = build_prompt_source("shapes_common"), build_prompt_source("shapes_all")
     assert set(train.prompts) | set(heldout.prompts) | set(common.prompts) < set(everything.prompts)

@@ -1,11 +1,12 @@
 """Prompt sources of the Shapes world, registered by name (`prompts.source`).
 
-- `shapes_unusual_train`: the 12 captions (3 counts x 4 pairs) of the unusual pairs RL trains on, the
-  miniature of the paper's "animals doing human activities".
-- `shapes_unusual_heldout`: the 12 captions of the other unusual pairs, never seen by RL (for evaluation).
-- `shapes_common`: the 24 captions of the common pairs (8 pairs x 3 counts).
-- `shapes_all`: all 72 captions: common, unusual train, unusual held-out, then the other unusual pairs.
-- `shapes_open_count`: 12 prompts that leave the count to the model: the 8 common pairs in the plural
+- `shapes_unusual_train`: the 9 captions (3 counts x 3 pairs: red, green and white crosses) of the unusual
+  pairs RL trains on, the miniature of the paper's "animals doing human activities".
+- `shapes_unusual_heldout`: the 6 captions of the held-out unusual pairs (orange and cyan crosses), never seen
+  by RL (for evaluation).
+- `shapes_common`: the 27 captions of the common pairs (9 pairs x 3 counts).
+- `shapes_all`: all 108 captions: common, unusual train, unusual held-out, then the other unusual pairs.
+- `shapes_open_count`: 13 prompts that leave the count to the model: the 9 common pairs in the plural
   without a count ("red circles"), then the 4 shapes alone ("circles"). The base model draws one, two or
   three objects for them, so a labeller's taste for fewer objects has room to act (people-in-the-loop tests).
 
@@ -43,25 +44,25 @@ def shapes_source(*groups: str) -> ListPromptSource:
 
 @register_prompt_source("shapes_unusual_train")
 def shapes_unusual_train() -> ListPromptSource:
-    """The 12 captions of the unusual pairs RL trains on, e.g. "two red triangles"."""
+    """The 9 captions of the unusual pairs RL trains on, e.g. "two red crosses"."""
     return shapes_source("unusual_train")
 
 
 @register_prompt_source("shapes_unusual_heldout")
 def shapes_unusual_heldout() -> ListPromptSource:
-    """The 12 captions of the held-out unusual pairs, e.g. "a red square"."""
+    """The 6 captions of the held-out unusual pairs, e.g. "a cyan cross"."""
     return shapes_source("unusual_heldout")
 
 
 @register_prompt_source("shapes_common")
 def shapes_common() -> ListPromptSource:
-    """The 24 captions of the common pairs, e.g. "three blue triangles"."""
+    """The 27 captions of the common pairs, e.g. "three blue triangles"."""
     return shapes_source("common")
 
 
 @register_prompt_source("shapes_all")
 def shapes_all() -> ListPromptSource:
-    """All 72 captions of the Shapes world."""
+    """All 108 captions of the Shapes world."""
     return shapes_source("common", "unusual_train", "unusual_heldout", "unusual_other")
 
 

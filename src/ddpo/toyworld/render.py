@@ -21,53 +21,54 @@ from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (235, 45, 40),
+    "orange": (250, 140, 25),
     "yellow": (245, 225, 40),
     "green": (40, 200, 70),
     "cyan": (50, 225, 235),
     "blue": (55, 95, 255),
+    "purple": (150, 65, 250),
     "magenta": (235, 60, 225),
+    "white": (235, 235, 235),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 COUNT_WORDS: tuple[str, ...] = ("a", "two", "three")
 COUNTS: tuple[int, ...] = (1, 2, 3)
 
-# Pretraining is biased the way web data is: each shape comes in two "home" colours (circles are red or cyan,
-# crosses yellow or magenta, ...), so colour and shape words are strongly correlated. Every other pair is
-# "unusual" and rare in pretraining. Measured history (docs/shapes-world.md): unusual pairs spread evenly
-# over the grid were generalised to almost perfectly; under this correlation with unusual pairs at 0.8% of
-# the images, 2,400 UNet steps still reached 98-100% on them; with them absent, a model stopped at 600 steps
-# never drew some of them at all (16/16 "a red circle" for "a red triangle" at any CFG), which leaves RL no
-# success to reinforce. Hence rare, and the shipped model stops at 600 of a 1,000-step schedule. Under the
-# correlation, "a red triangle" pulls towards red circles: the miniature of the paper's "a dog riding a bike".
+# Pretraining is biased the way web data is: every colour has one "home" shape (red, cyan and white things are
+# circles, green and orange ones squares, blue and purple ones triangles, yellow and magenta ones crosses), so
+# a colour word predicts the shape. The 27 other pairs are "unusual" and together 1% of the pretraining images.
+# Measured history (docs/shapes-world.md): unusual pairs spread evenly over a grid were generalised to almost
+# perfectly; with them absent, a model never drew some of them at all, which leaves RL no success to reinforce.
+# Hence rare, and the shipped model stops at 600 of a 1,000-step schedule. Under the correlation, "a red cross"
+# pulls towards red circles: the miniature of the paper's "a dog riding a bike".
 COMMON: tuple[tuple[str, str], ...] = (
-    ("red", "circle"), ("cyan", "circle"),
-    ("green", "square"), ("magenta", "square"),
-    ("blue", "triangle"), ("cyan", "triangle"),
+    ("red", "circle"), ("cyan", "circle"), ("white", "circle"),
+    ("green", "square"), ("orange", "square"),
+    ("blue", "triangle"), ("purple", "triangle"),
     ("yellow", "cross"), ("magenta", "cross"),
 )  # fmt: skip
 UNUSUAL: tuple[tuple[str, str], ...] = tuple(
     (color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in COMMON
 )
-# The RL experiment: train on one half of these unusual pairs, measure on the other, held-out half. The halves
-# are the pairs the shipped model draws right sometimes but not always (judge exact match, 8 seeds x 3 counts,
-# `ddpo toy evaluate --per-prompt`: 17-67% on the RL half, 17-63% held out), so that the policy gradient has
-# successes to reinforce: pairs never drawn (red triangle, green circle/cross, cyan square: 0-4%) give it none,
-# and pairs drawn right almost always (yellow square, green triangle, blue circle, red cross) leave no room.
-# Each shape appears once per half; yellow and magenta appear in both with different shapes.
+# The RL experiment, the miniature of the paper's "animals doing activities" with unseen animals held out: the
+# cross is the activity and the five colours whose home is a circle or a square are the animals. RL trains on
+# red, green and white crosses; orange and cyan crosses are held out, so no held-out colour ever appears in a
+# trained prompt and what transfers has to be keyed on the shape word. The shipped model draws these pairs
+# right sometimes but not always (judge exact match with 8 seeds x 3 counts: 50% on the RL half, 29% held out),
+# so the policy gradient has successes to reinforce. Earlier designs, in which each trained colour came with one
+# target shape and the held-out pairs shared those colours, let RL learn colour-keyed shortcuts ("magenta" ->
+# circle) that hurt the held-out half (docs/shapes-world.md, sessions 2-8).
 UNUSUAL_TRAIN: tuple[tuple[str, str], ...] = (
-    ("yellow", "triangle"),
-    ("magenta", "circle"),
-    ("cyan", "cross"),
-    ("red", "square"),
+    ("red", "cross"),
+    ("green", "cross"),
+    ("white", "cross"),
 )
 UNUSUAL_HELDOUT: tuple[tuple[str, str], ...] = (
-    ("yellow", "circle"),
-    ("magenta", "triangle"),
-    ("blue", "cross"),
-    ("blue", "square"),
+    ("orange", "cross"),
+    ("cyan", "cross"),
 )
-UNUSUAL_PRETRAIN_FRACTION = 0.008
+UNUSUAL_PRETRAIN_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
