@@ -96,7 +96,7 @@ def test_eval_on_a_shapes_run_reports_the_judge_on_trained_and_heldout_prompts(t
     first, second = (json.loads(o.output) for o in outputs)
     assert first["models"] == second["models"]
     assert first["rewards"] == ["shapes_alignment_soft", "shapes_judge"]  # the training reward, then the judge
-    assert len(first["prompts"]["trained"]) == len(first["prompts"]["heldout"]) == 12
+    assert (len(first["prompts"]["trained"]), len(first["prompts"]["heldout"])) == (9, 6)
     for model in ("base", "epoch-0001"):
         groups = first["models"][model]["groups"]
         assert 0.0 <= groups["heldout"]["shapes_judge"] <= 1.0 and 0.0 <= groups["trained"]["shapes_judge"] <= 1.0

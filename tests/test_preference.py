@@ -53,7 +53,7 @@ def test_500_labels_teach_the_hidden_preference(tmp_path, preference):
     # Fresh pairs from other seeds, never labelled: the model ranks them as the labeller does.
     accuracy, decided = pairwise_accuracy(PreferenceModel(model_path), fresh_comparisons(choose, 1000, seed=99))
     print(f"{preference.name}: held-out {report['heldout_accuracy']:.3f} of {report['heldout_decided']}, fresh {accuracy:.3f} of {decided}")
-    assert decided > 150 and accuracy >= 0.9
+    assert decided > 100 and accuracy >= 0.9  # ties (neither or both red) are undecided: 120 of 1,000 for prefers-red
 
 
 def test_random_labels_give_chance_accuracy(tmp_path):
