@@ -10,7 +10,7 @@ from torch import Tensor
 from ddpo.core import gaussian_kl
 
 if TYPE_CHECKING:  # data classes only: algorithms never touch a pipeline
-    from ddpo.policy.trajectory import StepPrediction, Trajectory
+    from ddpo.core.trajectory import StepPrediction, Trajectory
 
 
 @dataclass

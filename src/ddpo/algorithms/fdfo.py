@@ -26,7 +26,7 @@ from ddpo.algorithms.base import LossOutput
 from ddpo.core import approx_kl, endpoint_directions, pair_reward_differences, spo_loss, velocity_log_likelihood
 
 if TYPE_CHECKING:
-    from ddpo.policy.trajectory import StepPrediction, Trajectory
+    from ddpo.core.trajectory import StepPrediction, Trajectory
 
 DIRECTION = "fdfo_direction"  # the trajectory extra holding each sample's normalised dx
 

@@ -186,6 +186,40 @@ def ddim_step(
     return _sample_and_score(mean, std, sample.dtype, prev_sample, noise, generator)
 
 
+def ddim_deterministic_step(
+    model_output: Tensor,
+    sample: Tensor,
+    alpha_prod_t: Tensor | float,
+    alpha_prod_t_prev: Tensor | float,
+    *,
+    prediction_type: PredictionType = "epsilon",
+    prev_sample: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> StepOutput:
+    """One deterministic DDIM step (eta = 0, Song et al. 2021, eq. 12 with sigma_t = 0): what diffusers'
+    `DDIMScheduler.step(..., eta=0)` computes, for sampling only (std 0; log-prob NaN: the step is no policy).
+
+    Args and Returns: as `ddim_step`; `prev_sample` and `noise` are ignored (kept for the common signature).
+    """
+    model_output_fp32, sample_fp32 = model_output.float(), sample.float()
+    alpha_prod_t = _per_sample(alpha_prod_t, sample)
+    alpha_prod_t_prev = _per_sample(alpha_prod_t_prev, sample)
+    pred_original_sample, pred_epsilon = predicted_original_and_epsilon(model_output_fp32, sample_fp32, alpha_prod_t, prediction_type)
+    mean = alpha_prod_t_prev**0.5 * pred_original_sample + (1 - alpha_prod_t_prev) ** 0.5 * pred_epsilon
+    return deterministic_output(mean, sample.dtype)
+
+
+def deterministic_output(mean: Tensor, dtype: torch.dtype) -> StepOutput:
+    """The StepOutput of a deterministic step landing on `mean`: std 0 and a NaN log-prob (B,)."""
+    batch = mean.shape[0]
+    return StepOutput(
+        prev_sample=mean.to(dtype),
+        mean=mean,
+        std=mean.new_zeros((batch,) + (1,) * (mean.ndim - 1)),
+        log_prob=mean.new_full((batch,), float("nan")),
+    )
+
+
 def ddpm_step(
     model_output: Tensor,
     sample: Tensor,

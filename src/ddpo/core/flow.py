@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddpo.core.ddim import StepOutput, gaussian_log_prob
+from ddpo.core.ddim import StepOutput, deterministic_output, gaussian_log_prob
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:
@@ -67,6 +67,14 @@ def euler_step(velocity: Tensor, sample: Tensor, sigma: Tensor | float, sigma_ne
     """x_next = x + (sigma_next - sigma) * v: one step of the probability-flow ODE, in the sample's dtype."""
     dt = _per_sample(sigma_next, sample) - _per_sample(sigma, sample)
     return (sample.float() + dt * velocity.float()).to(sample.dtype)
+
+
+def ode_step(velocity: Tensor, sample: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *, prev_sample: Tensor | None = None, noise: Tensor | None = None) -> StepOutput:
+    """The Euler step of the probability-flow ODE (`euler_step`) as a StepOutput: std 0, log-prob NaN (no policy).
+    `prev_sample` and `noise` are ignored (kept for the step kernels' common signature)."""
+    x = sample.float()
+    dt = _per_sample(sigma_next, x) - _per_sample(sigma, x)
+    return deterministic_output(x + dt * velocity.float(), sample.dtype)
 
 
 def sde_std(sigma: Tensor | float, noise_level: float, sigma_max: float) -> Tensor:

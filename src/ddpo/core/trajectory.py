@@ -1,11 +1,15 @@
-"""The record of one batch of denoising chains: what the trainer needs to recompute log-probabilities."""
+"""The record of one batch of denoising chains (what the trainer needs to recompute log-probabilities) and a
+policy's prediction at chosen steps of it: the types that the policy writes and the algorithms read."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass
@@ -18,12 +22,15 @@ class Trajectory:
                                           step is deterministic (an ODE step, the last churned step)
     prompt_embeds:   (B, L, D)            text-encoder states of the prompts
     negative_embeds: (B, L, D)            text-encoder states of the negative (empty) prompt, for CFG
-    pooled_embeds, negative_pooled_embeds: (B, D) pooled text embeddings of SD3 and FLUX, else None
+    pooled_embeds, negative_pooled_embeds: (B, D) pooled text embeddings (SDXL, SD3, FLUX.1), else None
+    prompt_mask, negative_mask: (B, L) attention masks of the text states where the family pads them per
+                     prompt (Qwen-Image, Z-Image), else None
     model_outputs:   (B, T, ...) or None  the guided model output (velocity) at each step, when the sampler keeps
                                           it (FDFO's v_ref)
     extras:          per-sample tensors (B, ...) the sampler records or an algorithm attaches for training (the
                      start of Flow-GRPO-Fast's SDE window, FDFO's finite differences)
-    prompts, metadata, images: per-sample Python objects (images are the decoded x_0)
+    prompts, metadata, images: per-sample Python objects (images are the decoded x_0; for a video family, each
+                     sample's frames as a list of images)
     """
 
     latents: torch.Tensor
@@ -33,14 +40,16 @@ class Trajectory:
     negative_embeds: torch.Tensor
     prompts: list[str]
     metadata: list[dict] = field(default_factory=list)
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[Image.Image] | list[list[Image.Image]] = field(default_factory=list)
     pooled_embeds: torch.Tensor | None = None
     negative_pooled_embeds: torch.Tensor | None = None
     model_outputs: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     _TENSORS = ("latents", "timesteps", "log_probs", "prompt_embeds", "negative_embeds")
-    _OPTIONAL_TENSORS = ("pooled_embeds", "negative_pooled_embeds", "model_outputs")
+    _OPTIONAL_TENSORS = ("pooled_embeds", "negative_pooled_embeds", "model_outputs", "prompt_mask", "negative_mask")
 
     def __len__(self) -> int:
         return self.latents.shape[0]
