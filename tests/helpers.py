@@ -92,3 +92,24 @@ scored_prompts: list[str] = []
 def recording_brightness(images, prompts, metadata):
     scored_prompts.extend(prompts)
     return mean_brightness(images, prompts, metadata)
+
+
+def euler_sample(pipe, prompts, generators, *, num_steps: int, guidance_scale: float) -> list:
+    """An independent reference for the flow twin (a velocity UNet in a `StableDiffusionPipeline`, which diffusers'
+    own pipeline cannot run with a flow scheduler): the Euler ODE sampler with classifier-free guidance, written
+    from the formulas (`flow_sigmas`, timestep 1000 sigma, the pipeline's own batched prompt encoding)."""
+    import torch
+
+    from ddpo.core.flow import euler_step, flow_sigmas
+
+    with torch.no_grad():
+        size = pipe.unet.config.sample_size
+        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts))
+        context = torch.cat([uncond, cond])
+        x = torch.stack([torch.randn(pipe.unet.config.in_channels, size, size, generator=g) for g in generators])
+        sigmas = flow_sigmas(num_steps, shift=pipe.scheduler.config.get("shift", 1.0))
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v_uncond, v_cond = pipe.unet(torch.cat([x, x]), (sigma * 1000).expand(2 * len(x)), context).sample.chunk(2)
+            x = euler_step(v_uncond + guidance_scale * (v_cond - v_uncond), x, sigma, sigma_next)
+        decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+        return pipe.image_processor.postprocess(decoded, output_type="pil")

@@ -54,8 +54,8 @@ def test_log_probs_recomputed_for_training_equal_the_sampled_ones(kind):
 
 def test_the_ode_evaluation_sampler_is_the_euler_sampler_of_the_shapes_flow_twin():
     """Inside `evaluation()` the policy samples the deterministic ODE with `eval_num_steps`: the same images as the
-    toyworld's Euler sampler (velocity UNet, timestep 1000 sigma, CFG) from the same generators."""
-    from ddpo.toyworld.evaluation import euler_sample
+    independent Euler sampler of the tests (velocity UNet, timestep 1000 sigma, CFG) from the same generators."""
+    from helpers import euler_sample
 
     pipe = build_tiny_pipeline(flow=True)
     policy = UNetFlowPolicy(pipe, FlowSamplingOptions(num_steps=2, eval_num_steps=5, guidance_scale=3.0, height=32, width=32), LoraOptions(enabled=False))

@@ -129,7 +129,8 @@ def test_short_pretraining_reduces_loss_and_writes_a_loadable_pipeline(tmp_path)
     for name in ("vae", "text_encoder"):
         for a, b in zip(getattr(flow, name).parameters(), getattr(pipe, name).parameters()):
             assert torch.equal(a, b)
-    from ddpo.toyworld.evaluation import euler_sample
+    from ddpo.policy import SamplingOptions, sampling_policy
 
-    [flow_image] = euler_sample(flow, ["two red circles"], [torch.Generator().manual_seed(0)], num_steps=2, guidance_scale=3.0)
+    sampling = SamplingOptions(num_steps=2, guidance_scale=3.0, height=32, width=32)
+    [flow_image] = sampling_policy(flow, sampling).sample(["two red circles"], [torch.Generator().manual_seed(0)]).images
     assert flow_image.size == (32, 32)

@@ -30,6 +30,7 @@ FLOW_SAMPLERS = ("sde", "churn", "ode")
 class Sampler:
     """A sampler as the loop runs it.
 
+    name:                what a user calls it ("ddim", "ddim eta=0", "ddpm", "sde", "churn", "ode")
     step:                the kernel of every step (inside the SDE window only, when `window` > 0)
     deterministic_step:  the deterministic kernel of the same parametrisation: the steps outside the window
     stochastic:          whether `step` draws noise (and so has a log-prob to train on)
@@ -38,6 +39,7 @@ class Sampler:
     window:              Flow-GRPO-Fast: SDE steps per sample (a window of consecutive steps); 0 = every step
     """
 
+    name: str
     step: StepKernel
     deterministic_step: StepKernel
     stochastic: bool
@@ -51,21 +53,21 @@ def denoising_sampler(name: str, *, eta: float, prediction_type: str) -> Sampler
     alpha-bar levels, for networks predicting epsilon, v or x_0."""
     deterministic = partial(ddim_deterministic_step, prediction_type=prediction_type)
     if name == "ddpm":
-        return Sampler(partial(ddpm_step, prediction_type=prediction_type), deterministic, stochastic=True)
+        return Sampler("ddpm", partial(ddpm_step, prediction_type=prediction_type), deterministic, stochastic=True)
     if name != "ddim":
         raise ValueError(f"unknown denoising sampler {name!r}; one of {', '.join(DENOISING_SAMPLERS)}")
     if eta == 0:
-        return Sampler(deterministic, deterministic, stochastic=False)
-    return Sampler(partial(ddim_step, eta=eta, prediction_type=prediction_type), deterministic, stochastic=True)
+        return Sampler("ddim eta=0", deterministic, deterministic, stochastic=False)
+    return Sampler("ddim", partial(ddim_step, eta=eta, prediction_type=prediction_type), deterministic, stochastic=True)
 
 
 def flow_sampler(name: str, *, noise_level: float, sigma_max: float, churn: float, window: int = 0) -> Sampler:
     """Flow-GRPO's SDE ("sde", noise level a, Flow-GRPO-Fast's `window`), FDFO's churned Euler steps ("churn",
     gamma) or the Euler ODE ("ode") over sigma levels. `sigma_max` is the schedule's largest sigma below 1."""
     if name == "sde":
-        return Sampler(partial(sde_step, noise_level=noise_level, sigma_max=sigma_max), ode_step, stochastic=True, window=window)
+        return Sampler("sde", partial(sde_step, noise_level=noise_level, sigma_max=sigma_max), ode_step, stochastic=True, window=window)
     if name == "churn":
-        return Sampler(partial(churn_step, churn=churn), ode_step, stochastic=True, initial_churn=churn, keeps_model_outputs=True)
+        return Sampler("churn", partial(churn_step, churn=churn), ode_step, stochastic=True, initial_churn=churn, keeps_model_outputs=True)
     if name == "ode":
-        return Sampler(ode_step, ode_step, stochastic=False)
+        return Sampler("ode", ode_step, ode_step, stochastic=False)
     raise ValueError(f"unknown flow sampler {name!r}; one of {', '.join(FLOW_SAMPLERS)}")

@@ -15,9 +15,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .base import DiffusersPolicy, LoraOptions
-from .flow import SDE_WINDOW_START, FlowMatchingPolicy, FlowSamplingOptions, UNetFlowPolicy
-from .stable_diffusion import PolicyLoadError, SamplingOptions, StableDiffusionPolicy, load_pipeline
-from .trajectory import StepPrediction, Trajectory
+from ..core.trajectory import StepPrediction, Trajectory
+from .diffusion import SDE_WINDOW_START, DiffusionPolicy, FlowSamplingOptions, SamplingOptions
+from .flow import FlowMatchingPolicy, UNetFlowPolicy
+from .stable_diffusion import PolicyLoadError, StableDiffusionPolicy, load_pipeline
 
 # Names that stand for pipelines shipped inside the package (the Shapes world): the DDIM model and its
 # flow-matching twin (velocity UNet, same VAE and text encoder).

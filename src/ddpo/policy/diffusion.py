@@ -1,7 +1,7 @@
 """The one sampling loop, `predict`/log-prob path and KL-to-base path of every model family.
 
 A family adapter (one small file per diffusers pipeline) subclasses `DenoisingPolicy` (networks predicting
-epsilon or v over a DDPM noise schedule: SD 1.x/2.x, SDXL) or `FlowPolicy` (rectified-flow networks predicting
+epsilon or v over a DDPM noise schedule: SD 1.x/2.x, SDXL) or `FlowMatchingPolicy` (rectified-flow networks predicting
 the velocity: SD3, FLUX, Qwen-Image, Z-Image, Wan, the Shapes flow twin) and supplies only what differs:
 
 - `encode(prompts) -> Conditioning`: its text encoders (pooled states, masks);
@@ -103,7 +103,7 @@ class Schedule:
 class DiffusionPolicy(DiffusersPolicy):
     """Sampling with trajectories, differentiable log-probs and KL to the base model, for any family.
 
-    Subclasses: a parametrisation (`DenoisingPolicy`, `FlowPolicy`: schedule, step levels, samplers) and then
+    Subclasses: a parametrisation (`DenoisingPolicy`, `FlowMatchingPolicy`: schedule, step levels, samplers) and then
     a family (text encoding, network call, latent shape, decoding).
     """
 
@@ -297,6 +297,8 @@ class DiffusionPolicy(DiffusersPolicy):
         dtype = self.model.dtype
         cond = Conditioning.of(trajectory).repeat_interleave(num_columns).to(latents.device, dtype)
         sampler = self.sampler(trajectory.num_steps)
+        if not sampler.stochastic:
+            raise ValueError(f"the {sampler.name} sampler is deterministic: it has no log-probability to train on (use a stochastic sampler)")
 
         def unflatten(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.reshape(batch, num_columns, *tensor.shape[1:])

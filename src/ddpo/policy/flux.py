@@ -12,7 +12,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
 from .base import LoraOptions, encode_each_distinct
-from .flow import Conditioning, FlowMatchingPolicy, FlowSamplingOptions
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance
+from .flow import FlowMatchingPolicy
 from .stable_diffusion import vae_scale_factor
 
 MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
@@ -30,7 +31,7 @@ class FluxPolicy(FlowMatchingPolicy):
     def __init__(
         self,
         pipeline: FluxPipeline,
-        sampling: FlowSamplingOptions,
+        sampling: SamplingOptions,
         lora: LoraOptions | None = None,
         *,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
@@ -55,9 +56,9 @@ class FluxPolicy(FlowMatchingPolicy):
             return embeds, pooled
 
         embeds, pooled = encode_each_distinct(prompts, encode_one)  # batch-independent floats
-        return Conditioning(embeds=embeds.float(), negative=embeds.float(), pooled=pooled.float())
+        return Conditioning(embeds=embeds.float(), pooled=pooled.float())
 
-    def _schedule_kwargs(self, num_steps: int) -> dict:
+    def schedule_kwargs(self, num_steps: int) -> dict:
         """FluxPipeline's schedule: sigmas evenly from 1 to 1 / T, shifted by mu for the image's token count."""
         config = self.pipeline.scheduler.config
         kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}
@@ -69,24 +70,19 @@ class FluxPolicy(FlowMatchingPolicy):
             )  # fmt: skip
         return kwargs
 
-    def _call(self, model, latents, sigmas, embeds, pooled):
-        batch = latents.shape[0]
-        guidance = torch.full((batch,), self.sampling.guidance_scale, device=latents.device, dtype=torch.float32) if self.guidance_embedded else None
-        text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
-        return model(
-            hidden_states=latents, timestep=sigmas.to(latents.dtype), guidance=guidance, pooled_projections=pooled,
-            encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=self.image_ids.to(latents.device, latents.dtype),
-        ).sample  # fmt: skip
+    def network_output(self, model, latents, sigmas, conditioning, guidance):
+        """One pass with the guidance embedding (FLUX.1-dev), or CFG with the empty prompt (undistilled models)."""
 
-    def velocity(self, model, latents, sigmas, conditioning, guidance):
-        scale = self.sampling.guidance_scale
-        if guidance and not self.guidance_embedded and scale != 1.0:
-            uncond, cond = self._call(
-                model, torch.cat([latents, latents]), torch.cat([sigmas, sigmas]),
-                torch.cat([conditioning.negative, conditioning.embeds]), torch.cat([conditioning.negative_pooled, conditioning.pooled]),
-            ).chunk(2)  # fmt: skip
-            return uncond + scale * (cond - uncond)
-        return self._call(model, latents, sigmas, conditioning.embeds, conditioning.pooled)
+        def call(latents, sigmas, embeds, pooled, mask):
+            batch = latents.shape[0]
+            guidance_input = torch.full((batch,), self.sampling.guidance_scale, device=latents.device, dtype=torch.float32) if self.guidance_embedded else None
+            text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+            return model(
+                hidden_states=latents, timestep=sigmas.to(latents.dtype), guidance=guidance_input, pooled_projections=pooled,
+                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=self.image_ids.to(latents.device, latents.dtype),
+            ).sample  # fmt: skip
+
+        return classifier_free_guidance(call, latents, sigmas, conditioning, self.sampling.guidance_scale, guidance and not self.guidance_embedded)
 
     def latent_shape(self) -> tuple[int, int]:
         height, width = self._latent_size()

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from .base import LoraOptions, encode_each_distinct
-from .flow import Conditioning, FlowMatchingPolicy, FlowSamplingOptions
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance
+from .flow import FlowMatchingPolicy
 from .stable_diffusion import vae_scale_factor
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class StableDiffusion3Policy(FlowMatchingPolicy):
     def __init__(
         self,
         pipeline: "StableDiffusion3Pipeline",
-        sampling: FlowSamplingOptions,
+        sampling: SamplingOptions,
         lora: LoraOptions | None = None,
         *,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
@@ -48,20 +49,14 @@ class StableDiffusion3Policy(FlowMatchingPolicy):
             return embeds, pooled
 
         embeds, pooled = encode_each_distinct(prompts, encode_one)  # batch-independent floats
-        return Conditioning(embeds=embeds.float(), negative=embeds.float(), pooled=pooled.float())
+        return Conditioning(embeds=embeds.float(), pooled=pooled.float())
 
-    def velocity(self, model, latents, sigmas, conditioning, guidance):
+    def network_output(self, model, latents, sigmas, conditioning, guidance):
+        def call(latents, timesteps, embeds, pooled, mask):
+            return model(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds, pooled_projections=pooled).sample
+
         timesteps = sigmas * self.pipeline.scheduler.config.num_train_timesteps
-        scale = self.sampling.guidance_scale
-        if guidance and scale != 1.0:
-            uncond, cond = model(
-                hidden_states=torch.cat([latents, latents]),
-                timestep=torch.cat([timesteps, timesteps]),
-                encoder_hidden_states=torch.cat([conditioning.negative, conditioning.embeds]),
-                pooled_projections=torch.cat([conditioning.negative_pooled, conditioning.pooled]),
-            ).sample.chunk(2)
-            return uncond + scale * (cond - uncond)
-        return model(hidden_states=latents, timestep=timesteps, encoder_hidden_states=conditioning.embeds, pooled_projections=conditioning.pooled).sample
+        return classifier_free_guidance(call, latents, timesteps, conditioning, self.sampling.guidance_scale, guidance)
 
     def latent_shape(self) -> tuple[int, int, int]:
         factor = vae_scale_factor(self.pipeline)

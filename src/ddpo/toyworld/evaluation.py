@@ -32,18 +32,17 @@ def judge_exact_match(
     eta: float = 1.0,
     lora_dir: str | Path | None = None,
     groups: dict[str, list[str]] | None = None,
-    flow: bool = False,
     per_prompt: bool = False,
 ) -> dict:
     """Judge exact match per prompt group: every prompt x `seeds` fixed seeds, sampled like training does.
 
     Sampling uses the policy's DDIM sampler (eta 1 by default, the stochastic policy that RL trains), so
-    base and fine-tuned models are compared on identical noise. With `flow=True` the pipeline is the
-    flow-matching twin, sampled with the deterministic Euler sampler from the same initial noise. With
+    base and fine-tuned models are compared on identical noise. The flow-matching twin is
+    sampled with the deterministic Euler (ODE) sampler from the same initial noise. With
     `per_prompt`, the result also holds `per_prompt` (every prompt's rate) and `per_pair` (every unusual
     colour-shape pair's, over its three counts; the pairs outside both RL halves are sampled for it too).
     """
-    from ..policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline
+    from ..policy import SamplingOptions, load_pipeline, sampling_policy
     from ..policy.stable_diffusion import native_image_size
 
     pipe = load_pipeline(str(pipeline_dir))
@@ -51,7 +50,7 @@ def judge_exact_match(
         pipe.load_lora_weights(str(lora_dir))
     size = native_image_size(pipe)
     sampling = SamplingOptions(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, height=size, width=size)
-    policy = None if flow else StableDiffusionPolicy(pipe, sampling, LoraOptions(enabled=False))
+    policy = sampling_policy(pipe, sampling)  # the flow twin: the ODE sampler
     judge = load_recognizer(judge_path, "judge")
     groups = dict(groups or PROMPT_GROUPS)
     if per_prompt:
@@ -61,10 +60,7 @@ def judge_exact_match(
         scores = []
         for seed in range(seeds):
             generators = [torch.Generator().manual_seed(EVAL_SEED_OFFSET + 1000 * seed + i) for i in range(len(prompts))]
-            if flow:
-                images = euler_sample(pipe, prompts, generators, num_steps=num_steps, guidance_scale=guidance_scale)
-            else:
-                images = policy.sample(prompts, generators).images
+            images = policy.sample(prompts, generators).images
             scores.append(exact_match(judge, images, prompts))
         result[group] = round(float(np.mean(scores)), 4)
         prompt_rates.update({p: round(float(r), 4) for p, r in zip(prompts, np.mean(scores, axis=0))})
@@ -77,21 +73,3 @@ def judge_exact_match(
         result["per_pair"] = {pair: round(float(np.mean(rates)), 4) for pair, rates in pairs.items()}
         result["per_prompt"] = prompt_rates
     return result
-
-
-@torch.no_grad()
-def euler_sample(pipe, prompts: list[str], generators: list[torch.Generator], *, num_steps: int, guidance_scale: float) -> list:
-    """Images of a flow-matching pipeline (velocity UNet) by the Euler ODE sampler with classifier-free guidance."""
-    from ..core.flow import euler_step, flow_sigmas
-    from ..policy.stable_diffusion import native_image_size
-
-    size = native_image_size(pipe) // pipe.vae_scale_factor
-    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts))
-    context = torch.cat([uncond, cond])
-    x = torch.stack([torch.randn(pipe.unet.config.in_channels, size, size, generator=g) for g in generators])
-    sigmas = flow_sigmas(num_steps, shift=pipe.scheduler.config.get("shift", 1.0))
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        v_uncond, v_cond = pipe.unet(torch.cat([x, x]), (sigma * 1000).expand(2 * len(x)), context).sample.chunk(2)
-        x = euler_step(v_uncond + guidance_scale * (v_cond - v_uncond), x, sigma, sigma_next)
-    decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(decoded, output_type="pil")

@@ -351,12 +351,12 @@ class Pretrainer:
             shutil.rmtree(directory)
         os.replace(tmp, directory)
 
-    def evaluate(self, pipeline_dir: Path, seeds: int = 2, steps: int = 20, flow: bool = False) -> dict:
+    def evaluate(self, pipeline_dir: Path, seeds: int = 2, steps: int = 20) -> dict:
         """Judge exact-match on common and unusual prompts (the numbers the Shapes issue asks for)."""
         from .evaluation import judge_exact_match
 
         return judge_exact_match(
-            pipeline_dir, self.work / "judge.safetensors", seeds=seeds, num_steps=steps, guidance_scale=self.config.eval_guidance_scale, flow=flow
+            pipeline_dir, self.work / "judge.safetensors", seeds=seeds, num_steps=steps, guidance_scale=self.config.eval_guidance_scale
         )  # fmt: skip
 
     # ---- stage 5 ----------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ class Pretrainer:
         self._record(**_loss_ends("flow", losses))
         self.save_pipeline(pipe.vae, text_encoder, tokenizer, ema, final, scheduler=scheduler)
         if cfg.eval_every:
-            accuracy = self.evaluate(final, flow=True)
+            accuracy = self.evaluate(final)
             self.log(f"flow twin: judge exact match {accuracy}")
             self._record(flow_judge_exact=accuracy)
         return final
