@@ -140,7 +140,9 @@ class DiffusionPolicy(DiffusersPolicy):
     def latent_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
+        """Images of final latents (`output_type` as the pipeline's image processor: "pil", or "np" for the float
+        (B, H, W, C) array the pipeline returns); a video family returns each sample's frames."""
         raise NotImplementedError
 
     negative_prompt = ""  # what classifier-free guidance contrasts with

@@ -89,8 +89,8 @@ class FluxPolicy(FlowMatchingPolicy):
         return ((height // 2) * (width // 2), self.model.config.in_channels)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
         config = self.vae.config
         unpacked = FluxPipeline._unpack_latents(latents, self.sampling.height, self.sampling.width, vae_scale_factor(self.pipeline))
         images = self.vae.decode((unpacked / config.scaling_factor + config.shift_factor).to(self.vae.dtype)).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
+        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)

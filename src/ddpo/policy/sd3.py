@@ -63,7 +63,7 @@ class StableDiffusion3Policy(FlowMatchingPolicy):
         return (self.model.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
         config = self.vae.config
         images = self.vae.decode((latents / config.scaling_factor + config.shift_factor).to(self.vae.dtype)).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
+        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)

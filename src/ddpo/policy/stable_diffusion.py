@@ -129,9 +129,9 @@ class StableDiffusionText:
         return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
         images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
+        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)
 
 
 class DenoisingPolicy(DiffusionPolicy):
