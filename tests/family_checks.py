@@ -146,10 +146,11 @@ def check_lora_round_trip(case: FamilyCase, tmp_path) -> float:
 
 
 def count_meta_parameters(network_class, config: dict) -> tuple[int, torch.nn.Module]:
-    """Parameters of the real architecture built from `config` on the meta device (no memory, no download)."""
+    """Weights of the real architecture built from `config` on the meta device (no memory, no download): every
+    tensor of its checkpoint (parameters and persistent buffers, such as SD3's positional-embedding table)."""
     with torch.device("meta"):
         network = network_class.from_config(config)
-    return sum(p.numel() for p in network.parameters()), network
+    return sum(tensor.numel() for tensor in network.state_dict().values()), network
 
 
 def check_real_architecture(network_class, config: dict, published: float, lora_targets, tolerance: float = 0.03) -> int:

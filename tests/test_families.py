@@ -9,8 +9,9 @@ from diffusers import DDIMScheduler
 from ddpo.policy.flux import FluxPolicy
 from ddpo.policy.sd3 import StableDiffusion3Policy
 from ddpo.policy.stable_diffusion import StableDiffusionPolicy
-from ddpo.policy.tiny import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline
-from family_checks import FamilyCase, check_full_chain_parity, check_lora_round_trip, check_on_policy_log_probs
+from ddpo.policy.sdxl import StableDiffusionXLPolicy
+from ddpo.policy.tiny import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+from family_checks import FamilyCase, check_full_chain_parity, check_lora_round_trip, check_on_policy_log_probs, check_real_architecture
 
 
 def _sd(prediction_type: str):
@@ -52,3 +53,31 @@ def test_recomputed_log_probs_equal_the_recorded_ones_until_the_weights_change(c
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_the_saved_lora_loads_into_the_pipeline_and_samples_what_the_policy_samples(case, tmp_path):
     check_lora_round_trip(case, tmp_path)
+
+
+SDXL = FamilyCase("sdxl", build_tiny_sdxl_pipeline, StableDiffusionXLPolicy, **DDIM)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_sdxl_samples_what_its_own_pipeline_samples(batch_size):
+    """Both text encoders' states, the pooled projection, the added time ids and the zeroed negative prompt."""
+    check_full_chain_parity(SDXL, batch_size)
+
+
+def test_sdxl_log_probs_and_lora_round_trip(tmp_path):
+    check_on_policy_log_probs(SDXL)
+    check_lora_round_trip(SDXL, tmp_path)
+
+
+def _real_architectures():
+    from ddpo.policy import flux, sd3, sdxl, stable_diffusion
+
+    for module in (stable_diffusion, sdxl, sd3, flux):
+        yield from module.REAL_ARCHITECTURES.items()
+
+
+@pytest.mark.parametrize(("name", "architecture"), list(_real_architectures()), ids=[name for name, _ in _real_architectures()])
+def test_the_real_architecture_has_its_published_size_and_every_lora_target(name, architecture):
+    import diffusers
+
+    check_real_architecture(getattr(diffusers, architecture["class"]), architecture["config"], architecture["published_parameters"], architecture["lora_targets"])

@@ -44,11 +44,15 @@ def is_flow_pipeline(pipeline) -> bool:
     return isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
 
 
-def _flow_policy_class(pipeline) -> type[FlowMatchingPolicy]:
+def policy_class(pipeline) -> type[DiffusionPolicy]:
+    """The family adapter of a loaded pipeline, by its class (a `StableDiffusionPipeline` with a flow-matching
+    scheduler is the Shapes flow twin)."""
     from .flux import FluxPolicy
     from .sd3 import StableDiffusion3Policy
+    from .sdxl import StableDiffusionXLPolicy
 
-    return {"StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}.get(type(pipeline).__name__, UNetFlowPolicy)
+    families = {"StableDiffusionXLPipeline": StableDiffusionXLPolicy, "StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}
+    return families.get(type(pipeline).__name__, UNetFlowPolicy if is_flow_pipeline(pipeline) else StableDiffusionPolicy)
 
 
 def policy_for_pipeline(
@@ -88,13 +92,13 @@ def _policy_for_pipeline(pipeline, config, sampler: str, lora: LoraOptions, comm
             num_steps=sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale,
             height=sample.height, width=sample.width, scheduler=sample.scheduler,
         )  # fmt: skip
-        return StableDiffusionPolicy(pipeline, sampling, lora, **common)
+        return policy_class(pipeline)(pipeline, sampling, lora, **common)
     sampling = FlowSamplingOptions(
         num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
         sampler=sampler, noise_level=sample.noise_level, churn=sample.churn, eval_num_steps=sample.eval_num_steps,
         sde_window=sample.sde_window if sampler == "sde" else 0,
     )  # fmt: skip
-    return _flow_policy_class(pipeline)(pipeline, sampling, lora, **common)
+    return policy_class(pipeline)(pipeline, sampling, lora, **common)
 
 
 def sampling_policy(pipeline, sampling: SamplingOptions, *, flow_num_steps: int | None = None) -> DiffusersPolicy:
@@ -102,10 +106,10 @@ def sampling_policy(pipeline, sampling: SamplingOptions, *, flow_num_steps: int 
     flow policy sampling the deterministic ODE with the same guidance and size and `flow_num_steps` steps
     (default: `sampling.num_steps`)."""
     if not is_flow_pipeline(pipeline):
-        return StableDiffusionPolicy(pipeline, sampling, LoraOptions(enabled=False))
+        return policy_class(pipeline)(pipeline, sampling, LoraOptions(enabled=False))
     steps = flow_num_steps or sampling.num_steps
     flow = FlowSamplingOptions(num_steps=steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode")
-    return _flow_policy_class(pipeline)(pipeline, flow, LoraOptions(enabled=False))
+    return policy_class(pipeline)(pipeline, flow, LoraOptions(enabled=False))
 
 
 def build_policy(config, device: torch.device | str = "cpu", inference_dtype: torch.dtype = torch.float32, *, sampler: str = "sde") -> DiffusersPolicy:

@@ -147,6 +147,10 @@ class DiffusionPolicy(DiffusersPolicy):
 
     negative_prompt = ""  # what classifier-free guidance contrasts with
 
+    def encode_negative(self) -> Conditioning:
+        """The negative conditioning of classifier-free guidance (SDXL zeroes it)."""
+        return self.encode([self.negative_prompt])
+
     # ---- what a parametrisation provides ----------------------------------------------------------------
     def make_schedule(self, num_steps: int) -> Schedule:
         raise NotImplementedError
@@ -176,7 +180,7 @@ class DiffusionPolicy(DiffusersPolicy):
     def conditioning(self, prompts: list[str]) -> Conditioning:
         """The prompts' conditioning with the negative prompt's as the negative one (for CFG), fp32."""
         if self._negative is None:
-            self._negative = self.encode([self.negative_prompt])
+            self._negative = self.encode_negative()
         cond = self.encode(prompts)
         batch, negative = len(prompts), self._negative
 

@@ -19,6 +19,23 @@ from .stable_diffusion import vae_scale_factor
 MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
 
 
+# The real network, built on the meta device by the tests (parameter count against the published size, LoRA targets
+# present) and by the README's model table.
+REAL_ARCHITECTURES = {
+    "FLUX.1 [dev]": {
+        "class": "FluxTransformer2DModel",
+        "published_parameters": 12e9,  # "a 12 billion parameter rectified flow transformer" (its model card)
+        "source": "black-forest-labs/FLUX.1-dev transformer/config.json (schnell: the same without guidance_embeds)",
+        "lora_targets": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"],  # diffusers' train_dreambooth_lora_flux.py
+        "config": {
+            "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+            "axes_dims_rope": [16, 56, 56],
+        },
+    },
+}  # fmt: skip
+
+
 class FluxPolicy(FlowMatchingPolicy):
     """Flow-GRPO / FDFO sampling and log-probs over a FLUX pipeline; LoRA on the transformer.
 

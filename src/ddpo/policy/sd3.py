@@ -20,6 +20,35 @@ if TYPE_CHECKING:
 MAX_SEQUENCE_LENGTH = 128
 
 
+# The real networks, built on the meta device by the tests (parameter count against the published size, LoRA targets
+# present) and by the README's model table. LoRA targets: diffusers' train_dreambooth_lora_sd3.py and Flow-GRPO.
+SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+REAL_ARCHITECTURES = {
+    "SD3.5 Medium": {
+        "class": "SD3Transformer2DModel",
+        "published_parameters": 2.5e9,  # "2.5 billion parameters" (its model card)
+        "source": "stabilityai/stable-diffusion-3.5-medium transformer/config.json",
+        "lora_targets": SD3_LORA_TARGETS,
+        "config": {
+            "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24,
+            "joint_attention_dim": 4096, "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16,
+            "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)), "qk_norm": "rms_norm",
+        },
+    },
+    "SD3.5 Large": {
+        "class": "SD3Transformer2DModel",
+        "published_parameters": 8.1e9,  # "8.1 billion parameters" (its model card)
+        "source": "stabilityai/stable-diffusion-3.5-large transformer/config.json",
+        "lora_targets": SD3_LORA_TARGETS,
+        "config": {
+            "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38, "attention_head_dim": 64, "num_attention_heads": 38,
+            "joint_attention_dim": 4096, "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16,
+            "pos_embed_max_size": 192, "qk_norm": "rms_norm",
+        },
+    },
+}  # fmt: skip
+
+
 class StableDiffusion3Policy(FlowMatchingPolicy):
     """Flow-GRPO / FDFO sampling and log-probs over an SD3 pipeline; LoRA on the transformer."""
 

@@ -25,7 +25,37 @@ __all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOp
 
 # The pipelines a policy exists for, by the `_class_name` of their model_index.json (imported when used:
 # importing SD3's pipeline makes transformers print warnings about optional image processors).
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+# The real networks, built on the meta device by the tests (parameter count against the published size, LoRA targets
+# present) and by the README's model table.
+REAL_ARCHITECTURES = {
+    "SD 1.5": {
+        "class": "UNet2DConditionModel",
+        "published_parameters": 860e6,  # "an 860M UNet" (the SD v1 model card)
+        "source": "the SD 1.x unet/config.json (CompVis/stable-diffusion-v1-4, stable-diffusion-v1-5)",
+        "lora_targets": ["to_k", "to_q", "to_v", "to_out.0"],  # diffusers' train_text_to_image_lora.py
+        "config": {
+            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "in_channels": 4, "out_channels": 4, "sample_size": 64, "norm_num_groups": 32,
+        },
+    },
+    "SD 2.1": {
+        "class": "UNet2DConditionModel",
+        "published_parameters": 865e6,  # the SD 2 model card's "865M UNet"
+        "source": "stabilityai/stable-diffusion-2-1 unet/config.json",
+        "lora_targets": ["to_k", "to_q", "to_v", "to_out.0"],
+        "config": {
+            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "in_channels": 4, "out_channels": 4, "sample_size": 96, "norm_num_groups": 32,
+        },
+    },
+}  # fmt: skip
 
 
 class PolicyLoadError(RuntimeError):

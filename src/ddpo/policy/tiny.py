@@ -1,5 +1,5 @@
 """Tiny random pipelines built in code (no download), for tests and benchmarks: Stable Diffusion (DDIM or
-flow-matching), SD3 and FLUX.
+flow-matching), SDXL, SD3 and FLUX.
 
 The same idea as diffusers' `get_dummy_components()`: every class is the real one (UNet2DConditionModel,
 SD3Transformer2DModel, FluxTransformer2DModel, AutoencoderKL, CLIPTextModel, T5EncoderModel, CLIP and T5
@@ -160,6 +160,36 @@ def build_tiny_flux_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORD
     return _eval_mode(pipe)
 
 
+def build_tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS):
+    """A random `StableDiffusionXLPipeline` (diffusers' own test sizes): 32 px, 8x8x4 latents, a two-level UNet with
+    added time ids, CLIP-L-like and CLIP-G-like encoders of width 32 (states concatenated to 64), DDIM schedule."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+    )  # fmt: skip
+    tokenizer, tokenizer_2 = _clip_tokenizer(words), _clip_tokenizer(words)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 32, projection_dim=32))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return _eval_mode(pipe)
+
+
 def _eval_mode(pipe):
     """Modules in eval mode, as `from_pretrained` returns them (T5's dropout would make every call differ)."""
     for component in pipe.components.values():
@@ -168,7 +198,13 @@ def _eval_mode(pipe):
     return pipe
 
 
-TINY_PIPELINES = {"sd": build_tiny_pipeline, "sd-flow": lambda seed=0: build_tiny_pipeline(seed, flow=True), "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}
+TINY_PIPELINES = {
+    "sd": build_tiny_pipeline,
+    "sd-flow": lambda seed=0: build_tiny_pipeline(seed, flow=True),
+    "sdxl": build_tiny_sdxl_pipeline,
+    "sd3": build_tiny_sd3_pipeline,
+    "flux": build_tiny_flux_pipeline,
+}
 
 
 def save_tiny_pipeline(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd") -> Path:
