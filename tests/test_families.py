@@ -81,3 +81,33 @@ def test_the_real_architecture_has_its_published_size_and_every_lora_target(name
     import diffusers
 
     check_real_architecture(getattr(diffusers, architecture["class"]), architecture["config"], architecture["published_parameters"], architecture["lora_targets"])
+
+
+def _train_kinds():
+    from ddpo.policy.tiny import TINY_PIPELINES
+
+    return sorted(TINY_PIPELINES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", _train_kinds())
+def test_one_epoch_of_ddpo_train_on_each_tiny_family_writes_the_run_directory(kind, tmp_path):
+    """`ddpo train` through the CLI on every family's tiny pipeline saved as a diffusers directory: DDPO-IS on the
+    denoising families (DDIM, eta 1), Flow-GRPO's SDE steps on the flow ones."""
+    import json
+
+    from click.testing import CliRunner
+    from helpers import cli_args
+
+    from ddpo.cli import main
+    from ddpo.policy.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "model", kind=kind)
+    overrides = {"train.epochs": 1, "sample.num_steps": 3, "sample.num_batches_per_epoch": 1}
+    result = CliRunner().invoke(main, cli_args(model, tmp_path / "run", **overrides), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert record["epoch"] == 1 and record["samples"] == 4
+    assert all(abs(record[key]) < float("inf") for key in ("reward_mean", "loss", "approx_kl"))
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0001" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "samples" / "epoch-0001.png").is_file() and (tmp_path / "run" / "config.toml").is_file()
