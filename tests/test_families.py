@@ -111,3 +111,12 @@ def test_one_epoch_of_ddpo_train_on_each_tiny_family_writes_the_run_directory(ki
     assert all(abs(record[key]) < float("inf") for key in ("reward_mean", "loss", "approx_kl"))
     assert (tmp_path / "run" / "checkpoints" / "epoch-0001" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "run" / "samples" / "epoch-0001.png").is_file() and (tmp_path / "run" / "config.toml").is_file()
+
+
+def test_every_preset_validates():
+    """Each family's preset (hub id, size, steps, guidance, LoRA) is a valid config; the weights cannot load here."""
+    from ddpo.config import available_presets, load_config
+
+    for name in available_presets():
+        config = load_config(name)
+        assert config.model.pretrained and config.sample.height > 0
