@@ -170,19 +170,7 @@ def ddim_step(
             f"eta must be > 0 for a stochastic policy, got {eta}; "
             "eta=0 makes DDIM deterministic and its log-prob undefined"
         )
-    model_output_fp32, sample_fp32 = model_output.float(), sample.float()
-    alpha_prod_t = _per_sample(alpha_prod_t, sample)
-    alpha_prod_t_prev = _per_sample(alpha_prod_t_prev, sample)
-
-    # 1. predicted x_0 and eps ("predicted x_0" of eq. 12)
-    pred_original_sample, pred_epsilon = predicted_original_and_epsilon(
-        model_output_fp32, sample_fp32, alpha_prod_t, prediction_type
-    )
-    # 2. sigma_t(eta) of eq. 16
-    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std = eta * variance**0.5
-    # 3. mean of eq. 12: sqrt(a_prev) x_0 + "direction pointing to x_t"
-    mean = alpha_prod_t_prev**0.5 * pred_original_sample + (1 - alpha_prod_t_prev - std**2) ** 0.5 * pred_epsilon
+    mean, std = _ddim_mean_and_std(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta, prediction_type)
     return _sample_and_score(mean, std, sample.dtype, prev_sample, noise, generator)
 
 
@@ -201,12 +189,22 @@ def ddim_deterministic_step(
 
     Args and Returns: as `ddim_step`; `prev_sample` and `noise` are ignored (kept for the common signature).
     """
-    model_output_fp32, sample_fp32 = model_output.float(), sample.float()
+    mean, _ = _ddim_mean_and_std(model_output, sample, alpha_prod_t, alpha_prod_t_prev, 0.0, prediction_type)
+    return deterministic_output(mean, sample.dtype)
+
+
+def _ddim_mean_and_std(model_output: Tensor, sample: Tensor, alpha_prod_t, alpha_prod_t_prev, eta: float, prediction_type: PredictionType) -> tuple[Tensor, Tensor]:
+    """Mean and std (B, 1, ..., 1) of the DDIM step's Gaussian, fp32 (Song et al. 2021, eq. 12 and 16)."""
     alpha_prod_t = _per_sample(alpha_prod_t, sample)
     alpha_prod_t_prev = _per_sample(alpha_prod_t_prev, sample)
-    pred_original_sample, pred_epsilon = predicted_original_and_epsilon(model_output_fp32, sample_fp32, alpha_prod_t, prediction_type)
-    mean = alpha_prod_t_prev**0.5 * pred_original_sample + (1 - alpha_prod_t_prev) ** 0.5 * pred_epsilon
-    return deterministic_output(mean, sample.dtype)
+    # 1. predicted x_0 and eps ("predicted x_0" of eq. 12)
+    pred_original_sample, pred_epsilon = predicted_original_and_epsilon(model_output.float(), sample.float(), alpha_prod_t, prediction_type)
+    # 2. sigma_t(eta) of eq. 16
+    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std = eta * variance**0.5
+    # 3. mean of eq. 12: sqrt(a_prev) x_0 + "direction pointing to x_t"
+    mean = alpha_prod_t_prev**0.5 * pred_original_sample + (1 - alpha_prod_t_prev - std**2) ** 0.5 * pred_epsilon
+    return mean, std
 
 
 def deterministic_output(mean: Tensor, dtype: torch.dtype) -> StepOutput:

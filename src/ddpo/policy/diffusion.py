@@ -27,7 +27,7 @@ from ..core.ddim import gaussian_kl
 from ..core.flow import churn_noise
 from ..core.samplers import Sampler
 from ..core.trajectory import StepPrediction, Trajectory
-from .base import DiffusersPolicy, LoraOptions
+from .base import DiffusersPolicy, LoraOptions, encode_each_distinct
 
 SDE_WINDOW_START = "sde_window_start"  # the trajectory extra holding each sample's first SDE step (with `sde_window`)
 
@@ -356,6 +356,29 @@ class DiffusionPolicy(DiffusersPolicy):
             base_step = sampler.step(base_output, latents, levels[:, k], next_levels[:, k], prev_sample=latents)
             total += gaussian_kl(step.mean, base_step.mean, step.std)
         return total
+
+
+def encode_each(prompts: list[str], encode_one) -> Conditioning:
+    """Conditioning of states and pooled states, each distinct prompt encoded on its own (`encode_each_distinct`:
+    batch-independent floats); `encode_one(prompt)` returns ((1, L, D) states, (1, D) pooled states)."""
+    embeds, pooled = encode_each_distinct(prompts, encode_one)
+    return Conditioning(embeds=embeds.float(), pooled=pooled.float())
+
+
+@torch.no_grad()
+def vae_decode(pipeline, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
+    """Images of (B, C, H, W) latents as the pipeline decodes them: x / scaling_factor + shift_factor (SD: no shift;
+    SD3, FLUX: a shift), or x * std / scaling_factor + mean for VAEs with per-channel `latents_mean`/`latents_std`;
+    then the VAE and the pipeline's image processor."""
+    vae, config = pipeline.vae, pipeline.vae.config
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+    images = vae.decode(latents.to(vae.dtype)).sample
+    return pipeline.image_processor.postprocess(images.float(), output_type=output_type)
 
 
 def classifier_free_guidance(call, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning, scale: float, guidance: bool) -> torch.Tensor:

@@ -11,8 +11,8 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from .base import LoraOptions, encode_each_distinct
-from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance
+from .base import LoraOptions
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each, vae_decode
 from .flow import FlowMatchingPolicy
 from .stable_diffusion import vae_scale_factor
 
@@ -72,8 +72,7 @@ class FluxPolicy(FlowMatchingPolicy):
             embeds, pooled, _ = self.pipeline.encode_prompt([prompt], None, device=self.device, max_sequence_length=self.max_sequence_length)
             return embeds, pooled
 
-        embeds, pooled = encode_each_distinct(prompts, encode_one)  # batch-independent floats
-        return Conditioning(embeds=embeds.float(), pooled=pooled.float())
+        return encode_each(prompts, encode_one)
 
     def schedule_kwargs(self, num_steps: int) -> dict:
         """FluxPipeline's schedule: sigmas evenly from 1 to 1 / T, shifted by mu for the image's token count."""
@@ -105,9 +104,5 @@ class FluxPolicy(FlowMatchingPolicy):
         height, width = self._latent_size()
         return ((height // 2) * (width // 2), self.model.config.in_channels)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        config = self.vae.config
-        unpacked = FluxPipeline._unpack_latents(latents, self.sampling.height, self.sampling.width, vae_scale_factor(self.pipeline))
-        images = self.vae.decode((unpacked / config.scaling_factor + config.shift_factor).to(self.vae.dtype)).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)
+        return vae_decode(self.pipeline, FluxPipeline._unpack_latents(latents, self.sampling.height, self.sampling.width, vae_scale_factor(self.pipeline)), output_type)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .base import LoraOptions, encode_each_distinct
-from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance
+from .base import LoraOptions
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each, vae_decode
 from .flow import FlowMatchingPolicy
 from .stable_diffusion import vae_scale_factor
 
@@ -77,8 +77,7 @@ class StableDiffusion3Policy(FlowMatchingPolicy):
             )
             return embeds, pooled
 
-        embeds, pooled = encode_each_distinct(prompts, encode_one)  # batch-independent floats
-        return Conditioning(embeds=embeds.float(), pooled=pooled.float())
+        return encode_each(prompts, encode_one)
 
     def network_output(self, model, latents, sigmas, conditioning, guidance):
         def call(latents, timesteps, embeds, pooled, mask):
@@ -91,8 +90,5 @@ class StableDiffusion3Policy(FlowMatchingPolicy):
         factor = vae_scale_factor(self.pipeline)
         return (self.model.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        config = self.vae.config
-        images = self.vae.decode((latents / config.scaling_factor + config.shift_factor).to(self.vae.dtype)).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)
+        return vae_decode(self.pipeline, latents, output_type)

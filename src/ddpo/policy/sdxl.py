@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .base import LoraOptions, encode_each_distinct
-from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance
+from .base import LoraOptions
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each, vae_decode
 from .stable_diffusion import DenoisingPolicy, vae_scale_factor
 
 # The real network, built on the meta device by the tests (parameter count against the published size, LoRA targets
@@ -48,8 +48,7 @@ class StableDiffusionXLPolicy(DenoisingPolicy):
             embeds, _, pooled, _ = self.pipeline.encode_prompt(prompt=[prompt], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
             return embeds, pooled
 
-        embeds, pooled = encode_each_distinct(prompts, encode_one)  # batch-independent floats
-        return Conditioning(embeds=embeds.float(), pooled=pooled.float())
+        return encode_each(prompts, encode_one)
 
     def encode_negative(self) -> Conditioning:
         """Zeros when the pipeline zeroes an absent negative prompt (`force_zeros_for_empty_prompt`), else ""."""
@@ -74,14 +73,5 @@ class StableDiffusionXLPolicy(DenoisingPolicy):
         factor = vae_scale_factor(self.pipeline)
         return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        config = self.vae.config
-        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        images = self.vae.decode(latents.to(self.vae.dtype)).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)
+        return vae_decode(self.pipeline, latents, output_type)

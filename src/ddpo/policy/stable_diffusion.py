@@ -19,7 +19,7 @@ from PIL import Image
 from ..core.ddim import ddim_alphas
 from ..core.samplers import Sampler, denoising_sampler
 from .base import DEFAULT_LORA_TARGETS, LoraOptions, encode_each_distinct
-from .diffusion import Conditioning, DiffusionPolicy, SamplingOptions, Schedule, classifier_free_guidance
+from .diffusion import Conditioning, DiffusionPolicy, SamplingOptions, Schedule, classifier_free_guidance, vae_decode
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOptions", "StableDiffusionPolicy", "load_pipeline"]
 
@@ -158,10 +158,8 @@ class StableDiffusionText:
         factor = vae_scale_factor(self.pipeline)
         return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)
+        return vae_decode(self.pipeline, latents, output_type)
 
 
 class DenoisingPolicy(DiffusionPolicy):

@@ -41,17 +41,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: 
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _tiny_sd_vae()
     with tempfile.TemporaryDirectory() as directory:
         tokenizer = write_tokenizer(Path(directory), list(words))
     text_encoder = CLIPTextModel(
@@ -70,16 +60,29 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: 
     if flow:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     else:
-        scheduler = DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-        )  # fmt: skip
+        scheduler = _tiny_ddim_scheduler(prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _tiny_sd_vae() -> AutoencoderKL:
+    """SD's VAE in miniature: 32 px images to 8x8x4 latents."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+    )  # fmt: skip
+
+
+def _tiny_ddim_scheduler(prediction_type: str) -> DDIMScheduler:
+    """SD 1.x's scaled-linear DDPM schedule under DDIM."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )  # fmt: skip
 
 
 def _clip_tokenizer(words: tuple[str, ...]):
@@ -172,16 +175,11 @@ def build_tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORD
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1,
     )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
-    )  # fmt: skip
+    vae = _tiny_sd_vae()
     tokenizer, tokenizer_2 = _clip_tokenizer(words), _clip_tokenizer(words)
     text_encoder = CLIPTextModel(_clip_config(tokenizer, 32, projection_dim=32))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 32, projection_dim=32))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
+    scheduler = _tiny_ddim_scheduler("epsilon")
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
         unet=unet, scheduler=scheduler, add_watermarker=False,
