@@ -145,20 +145,16 @@ def check_lora_round_trip(case: FamilyCase, tmp_path) -> float:
     return gap
 
 
-def count_meta_parameters(network_class, config: dict) -> tuple[int, torch.nn.Module]:
-    """Weights of the real architecture built from `config` on the meta device (no memory, no download): every
-    tensor of its checkpoint (parameters and persistent buffers, such as SD3's positional-embedding table)."""
-    with torch.device("meta"):
-        network = network_class.from_config(config)
-    return sum(tensor.numel() for tensor in network.state_dict().values()), network
+def check_real_architecture(architecture: dict, tolerance: float = 0.03) -> int:
+    """The real network's weights (built on the meta device from its config) are within `tolerance` of the published
+    size, and every LoRA target names modules that exist in it. Returns the count."""
+    from ddpo.policy.families import build_on_meta_device
 
-
-def check_real_architecture(network_class, config: dict, published: float, lora_targets, tolerance: float = 0.03) -> int:
-    """The architecture's parameter count is within `tolerance` of the published size, and every LoRA target
-    names modules that exist in it. Returns the count."""
-    count, network = count_meta_parameters(network_class, config)
+    network = build_on_meta_device(architecture)
+    count = sum(tensor.numel() for tensor in network.state_dict().values())
+    published = architecture["published_parameters"]
     assert abs(count - published) / published <= tolerance, (count, published)
     names = [name for name, _ in network.named_modules()]
-    for target in lora_targets:
+    for target in architecture["lora_targets"]:
         assert any(name == target or name.endswith("." + target) for name in names), target
     return count

@@ -70,17 +70,14 @@ def test_sdxl_log_probs_and_lora_round_trip(tmp_path):
 
 
 def _real_architectures():
-    from ddpo.policy import flux, sd3, sdxl, stable_diffusion
+    from ddpo.policy.families import FAMILIES
 
-    for module in (stable_diffusion, sdxl, sd3, flux):
-        yield from module.REAL_ARCHITECTURES.items()
+    return [(name, architecture) for family in FAMILIES for name, architecture in family.real_architectures().items()]
 
 
-@pytest.mark.parametrize(("name", "architecture"), list(_real_architectures()), ids=[name for name, _ in _real_architectures()])
+@pytest.mark.parametrize(("name", "architecture"), _real_architectures(), ids=[name for name, _ in _real_architectures()])
 def test_the_real_architecture_has_its_published_size_and_every_lora_target(name, architecture):
-    import diffusers
-
-    check_real_architecture(getattr(diffusers, architecture["class"]), architecture["config"], architecture["published_parameters"], architecture["lora_targets"])
+    check_real_architecture(architecture)
 
 
 def _train_kinds():

@@ -235,6 +235,14 @@ def eval_command(target: str, which: tuple[str, ...], prompts_file: str | None, 
 
 
 @main.command()
+def models() -> None:
+    """The model families ddpo trains: pipeline class, what the tests verify, presets, and each real network's size."""
+    from .policy.families import architecture_table
+
+    click.echo(architecture_table())
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir: str) -> None:
     """Write RUN_DIR/report.html: curves, per-prompt rewards, same-seed samples across epochs, config."""

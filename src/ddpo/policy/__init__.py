@@ -1,10 +1,10 @@
 """Policies: adapters that sample trajectories from a diffusers pipeline and recompute their log-probs.
 
-`build_policy` picks the policy from the pipeline it loads: a `StableDiffusionPipeline` with a DDIM-family
-scheduler -> `StableDiffusionPolicy` (DDIM/DDPM steps); a `StableDiffusionPipeline` whose scheduler is
-`FlowMatchEulerDiscreteScheduler` (the Shapes flow twin) -> `UNetFlowPolicy`; `StableDiffusion3Pipeline` ->
-`StableDiffusion3Policy`; `FluxPipeline` -> `FluxPolicy`. The flow policies sample with the sampler the
-algorithm asks for (Flow-GRPO's SDE, FDFO's churned Euler steps) and evaluate with the ODE.
+`build_policy` picks the family adapter from the pipeline it loads (`families.FAMILIES`: SD 1.x/2.x, SDXL, SD3,
+FLUX, ...; a `StableDiffusionPipeline` whose scheduler is `FlowMatchEulerDiscreteScheduler`, the Shapes flow twin,
+-> `UNetFlowPolicy`). Every adapter samples with the one loop of `diffusion.py`: denoising families with DDIM/DDPM
+steps, flow families with the sampler the algorithm asks for (Flow-GRPO's SDE, FDFO's churned Euler steps),
+evaluating with the ODE.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from .base import DiffusersPolicy, LoraOptions
 from ..core.trajectory import StepPrediction, Trajectory
 from .diffusion import SDE_WINDOW_START, DiffusionPolicy, FlowSamplingOptions, SamplingOptions
+from .families import family_of
 from .flow import FlowMatchingPolicy, UNetFlowPolicy
 from .stable_diffusion import PolicyLoadError, StableDiffusionPolicy, load_pipeline
 
@@ -45,14 +46,11 @@ def is_flow_pipeline(pipeline) -> bool:
 
 
 def policy_class(pipeline) -> type[DiffusionPolicy]:
-    """The family adapter of a loaded pipeline, by its class (a `StableDiffusionPipeline` with a flow-matching
-    scheduler is the Shapes flow twin)."""
-    from .flux import FluxPolicy
-    from .sd3 import StableDiffusion3Policy
-    from .sdxl import StableDiffusionXLPolicy
-
-    families = {"StableDiffusionXLPipeline": StableDiffusionXLPolicy, "StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}
-    return families.get(type(pipeline).__name__, UNetFlowPolicy if is_flow_pipeline(pipeline) else StableDiffusionPolicy)
+    """The family adapter of a loaded pipeline, by its class (`families.FAMILIES`); a `StableDiffusionPipeline` with a
+    flow-matching scheduler is the Shapes flow twin."""
+    if type(pipeline).__name__ == "StableDiffusionPipeline" and is_flow_pipeline(pipeline):
+        return UNetFlowPolicy
+    return family_of(type(pipeline).__name__).adapter()
 
 
 def policy_for_pipeline(

@@ -19,13 +19,11 @@ from PIL import Image
 from ..core.ddim import ddim_alphas
 from ..core.samplers import Sampler, denoising_sampler
 from .base import DEFAULT_LORA_TARGETS, LoraOptions, encode_each_distinct
+from .families import PIPELINE_CLASSES
 from .diffusion import Conditioning, DiffusionPolicy, SamplingOptions, Schedule, classifier_free_guidance, vae_decode
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOptions", "StableDiffusionPolicy", "load_pipeline"]
 
-# The pipelines a policy exists for, by the `_class_name` of their model_index.json (imported when used:
-# importing SD3's pipeline makes transformers print warnings about optional image processors).
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
 
 # The real networks, built on the meta device by the tests (parameter count against the published size, LoRA targets
@@ -65,8 +63,8 @@ class PolicyLoadError(RuntimeError):
 def load_pipeline(pretrained: str, revision: str | None = None) -> DiffusionPipeline:
     """Load a supported pipeline from a hub id or a local directory, with a clear error.
 
-    Stable Diffusion 1.x/2.x (and the Shapes models, DDIM or flow-matching), SD3/SD3.5 and FLUX, told apart by
-    the `_class_name` of the pipeline's model_index.json. Weights load in their stored precision; the policy
+    Every family of `families.FAMILIES` (and the Shapes models, DDIM or flow-matching), told apart by the
+    `_class_name` of the pipeline's model_index.json (the pipeline class is imported when used). Weights load in their stored precision; the policy
     casts frozen modules to its inference dtype.
     """
     local = Path(pretrained).expanduser()
