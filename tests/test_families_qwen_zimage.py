@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from ddpo.policy.qwen_image import QwenImagePolicy
-from ddpo.policy.tiny_qwen_zimage import build_tiny_qwen_image_pipeline
+from ddpo.policy.tiny_qwen_zimage import build_tiny_qwen_image_pipeline, build_tiny_z_image_pipeline
+from ddpo.policy.z_image import ZImagePolicy
 from family_checks import FamilyCase, check_full_chain_parity, check_lora_round_trip, check_on_policy_log_probs
 
 FLOW = {"deterministic": {"sampler": "ode"}, "stochastic": {"sampler": "sde"}}
@@ -16,6 +17,12 @@ CASES = [
     FamilyCase(
         "qwen-image", build_tiny_qwen_image_pipeline, QwenImagePolicy, **FLOW,
         pipeline_kwargs=lambda scale: {"true_cfg_scale": scale, "negative_prompt": " "},
+    ),  # fmt: skip
+    FamilyCase("z-image", build_tiny_z_image_pipeline, ZImagePolicy, **FLOW),
+    FamilyCase(
+        "z-image-cfg-normalized-truncated", build_tiny_z_image_pipeline, ZImagePolicy, **FLOW,
+        policy_kwargs={"cfg_normalization": 1.0, "cfg_truncation": 0.2},
+        pipeline_kwargs=lambda scale: {"guidance_scale": scale, "cfg_normalization": 1.0, "cfg_truncation": 0.2},
     ),  # fmt: skip
 ]
 IDS = [case.name for case in CASES]
