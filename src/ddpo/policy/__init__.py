@@ -48,7 +48,13 @@ def _flow_policy_class(pipeline) -> type[FlowMatchingPolicy]:
     from .flux import FluxPolicy
     from .sd3 import StableDiffusion3Policy
 
-    return {"StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}.get(type(pipeline).__name__, UNetFlowPolicy)
+    from .qwen_image import QwenImagePolicy
+    from .z_image import ZImagePolicy
+
+    return {
+        "StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy,
+        "QwenImagePipeline": QwenImagePolicy, "ZImagePipeline": ZImagePolicy,
+    }.get(type(pipeline).__name__, UNetFlowPolicy)  # fmt: skip
 
 
 def policy_for_pipeline(

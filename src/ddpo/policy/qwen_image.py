@@ -16,6 +16,7 @@ from .base import LoraOptions, encode_each_distinct
 from .diffusion import Conditioning, SamplingOptions
 from .flow import FlowMatchingPolicy
 
+HUB_ID = "Qwen/Qwen-Image"
 # Text tokens per prompt after the template: the pipeline's default (its limit is 1024). Each prompt's states are
 # stored padded to this length with a mask, so trajectories of any batch concatenate; the network sees them cut
 # to the longest prompt of its batch, as the pipeline pads them.

@@ -26,6 +26,7 @@ __all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOp
 # The pipelines a policy exists for, by the `_class_name` of their model_index.json (imported when used:
 # importing SD3's pipeline makes transformers print warnings about optional image processors).
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+PIPELINE_CLASSES += ("QwenImagePipeline", "ZImagePipeline")
 
 
 class PolicyLoadError(RuntimeError):

@@ -18,8 +18,6 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
 
-from .tiny import ANIMAL_WORDS, _eval_mode
-
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen3's chat template reduced to what ZImagePipeline uses (one user message, add_generation_prompt=True,
 # enable_thinking=True, which adds nothing after "<|im_start|>assistant\n").
@@ -35,9 +33,16 @@ TEMPLATE_TEXT = (
 )
 
 
-def build_qwen_tokenizer(words: tuple[str, ...] = ANIMAL_WORDS) -> Qwen2Tokenizer:
+# (`ddpo.policy.tiny` imports this module into its registry: names from it are imported where used.)
+
+
+def build_qwen_tokenizer(words: tuple[str, ...] | None = None) -> Qwen2Tokenizer:
     """A `Qwen2Tokenizer` over a byte-level BPE whose merges make each template and prompt word one token."""
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from .tiny import ANIMAL_WORDS
+
+    words = words or ANIMAL_WORDS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -55,12 +60,14 @@ def build_qwen_tokenizer(words: tuple[str, ...] = ANIMAL_WORDS) -> Qwen2Tokenize
     return tokenizer
 
 
-def build_tiny_qwen_image_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS):
+def build_tiny_qwen_image_pipeline(seed: int = 0, words: tuple[str, ...] | None = None):
     """A random `QwenImagePipeline`: 32 px images, 8x8x4 latents packed 2x2 into 16 tokens of 16, a two-block MMDiT of
     width 48, a two-layer Qwen2.5-VL text model of width 16, and Qwen-Image's released scheduler config (dynamic
     exponential shift, terminal sigma 0.02)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .tiny import _eval_mode
 
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
@@ -94,12 +101,14 @@ def build_tiny_qwen_image_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMA
     return _eval_mode(pipe)
 
 
-def build_tiny_z_image_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS):
+def build_tiny_z_image_pipeline(seed: int = 0, words: tuple[str, ...] | None = None):
     """A random `ZImagePipeline`: 32 px images, 8x8x16 latents (the transformer patchifies 2x2 itself), a two-layer
     single-stream DiT of width 32 with one refiner layer per stream, a two-layer Qwen3 of width 16, and Z-Image's
     released scheduler config (shift 6, no dynamic shift)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
+
+    from .tiny import _eval_mode
 
     torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(
@@ -127,3 +136,6 @@ def build_tiny_z_image_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_W
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return _eval_mode(pipe)
+
+
+TINY_PIPELINES = {"qwen-image": build_tiny_qwen_image_pipeline, "z-image": build_tiny_z_image_pipeline}

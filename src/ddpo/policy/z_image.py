@@ -16,6 +16,7 @@ from .base import LoraOptions, encode_each_distinct
 from .diffusion import Conditioning, SamplingOptions
 from .flow import FlowMatchingPolicy
 
+HUB_ID = "Tongyi-MAI/Z-Image"
 # Tokens per prompt, chat template included: the pipeline's default. Each prompt's states are stored padded to this
 # length with a mask, so trajectories of any batch concatenate; the network gets each prompt's states unpadded.
 MAX_SEQUENCE_LENGTH = 512
