@@ -12,7 +12,7 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from PIL import Image
 
-from .base import LoraOptions, encode_each_distinct
+from .base import LoraOptions, encode_each_distinct, pad_states
 from .diffusion import Conditioning, SamplingOptions
 from .flow import FlowMatchingPolicy
 
@@ -60,7 +60,8 @@ class QwenImagePolicy(FlowMatchingPolicy):
         self.image_shape = (1, height // 2, width // 2)  # the pipeline's img_shapes entry: frames, token rows, token columns
 
     def _latent_size(self) -> tuple[int, int]:
-        """Unpacked latent height and width (even, for the 2x2 packing), as `QwenImagePipeline.prepare_latents`."""
+        """Unpacked latent height and width (even, for the 2x2 packing), as `QwenImagePipeline.prepare_latents` (the
+        packing and `latent_shape` are FLUX's, `FluxPolicy`'s twins)."""
         factor = self.pipeline.vae_scale_factor
         return 2 * (self.sampling.height // (factor * 2)), 2 * (self.sampling.width // (factor * 2))
 
@@ -70,11 +71,7 @@ class QwenImagePolicy(FlowMatchingPolicy):
 
         def encode_one(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
             embeds, _ = self.pipeline.encode_prompt([prompt], device=self.device, max_sequence_length=self.max_sequence_length)
-            padded = embeds.new_zeros(1, self.max_sequence_length, embeds.shape[2])
-            padded[:, : embeds.shape[1]] = embeds  # alone, a prompt has no padding (the pipeline's mask is then None)
-            mask = torch.zeros(1, self.max_sequence_length, dtype=torch.long, device=embeds.device)
-            mask[:, : embeds.shape[1]] = 1
-            return padded, mask
+            return pad_states(embeds, self.max_sequence_length)  # alone, a prompt has no padding (the pipeline's mask is None)
 
         embeds, mask = encode_each_distinct(prompts, encode_one)  # batch-independent floats
         return Conditioning(embeds=embeds.float(), mask=mask)

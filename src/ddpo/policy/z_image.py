@@ -12,7 +12,7 @@ from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 from PIL import Image
 
-from .base import LoraOptions, encode_each_distinct
+from .base import LoraOptions, encode_each_distinct, pad_states
 from .diffusion import Conditioning, SamplingOptions
 from .flow import FlowMatchingPolicy
 
@@ -70,11 +70,7 @@ class ZImagePolicy(FlowMatchingPolicy):
 
         def encode_one(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
             (states,) = self.pipeline._encode_prompt([prompt], device=self.device, max_sequence_length=self.max_sequence_length)
-            padded = states.new_zeros(1, self.max_sequence_length, states.shape[1])
-            padded[0, : states.shape[0]] = states
-            mask = torch.zeros(1, self.max_sequence_length, dtype=torch.long, device=states.device)
-            mask[:, : states.shape[0]] = 1
-            return padded, mask
+            return pad_states(states[None], self.max_sequence_length)  # the pipeline's (L, D) states, padding dropped
 
         embeds, mask = encode_each_distinct(prompts, encode_one)  # batch-independent floats
         return Conditioning(embeds=embeds.float(), mask=mask)
