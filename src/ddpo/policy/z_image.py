@@ -99,21 +99,19 @@ class ZImagePolicy(FlowMatchingPolicy):
             outputs = model(list(latents.unsqueeze(2).unbind(dim=0)), timesteps, captions, return_dict=False)[0]
             return torch.stack([output.float() for output in outputs]).squeeze(2)
 
-        scale = self.sampling.guidance_scale
-        # CFG truncation: no guidance at steps whose normalised time 1 - sigma exceeds `cfg_truncation`.
-        scales = torch.where(timesteps > self.cfg_truncation, 0.0, scale) if self.cfg_truncation <= 1 else torch.full_like(timesteps, scale)
-        if not (guidance and scale > 0 and bool((scales > 0).any())):
+        # CFG truncation (when cfg_truncation <= 1): no guidance where the normalised time 1 - sigma exceeds it.
+        truncated = timesteps > self.cfg_truncation if self.cfg_truncation <= 1 else torch.zeros_like(timesteps, dtype=torch.bool)
+        scales = torch.where(truncated, 0.0, self.sampling.guidance_scale)
+        if not (guidance and bool((scales > 0).any())):
             return -call(latents, timesteps, unpadded(c.embeds, c.mask))
         # Both halves in one call, positive first (the pipeline's order).
         both = call(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), unpadded(c.embeds, c.mask) + unpadded(c.negative, c.negative_mask))
         positive, negative = both[:batch], both[batch:]
         guided = positive + scales.view(-1, *[1] * (positive.ndim - 1)) * (positive - negative)
-        if self.cfg_normalization > 0:  # renormalisation: at most cfg_normalization times the conditional norm
-            positive_norm = torch.linalg.vector_norm(positive.flatten(1), dim=1)
-            guided_norm = torch.linalg.vector_norm(guided.flatten(1), dim=1)
-            limit = positive_norm * self.cfg_normalization
-            factor = torch.where(guided_norm > limit, limit / guided_norm, 1.0)
-            guided = torch.where((guided_norm > limit).view(-1, 1, 1, 1), guided * factor.view(-1, 1, 1, 1), guided)
+        if self.cfg_normalization > 0:  # renormalisation of guided samples: norm at most cfg_normalization times pos's
+            limit = torch.linalg.vector_norm(positive.flatten(1), dim=1) * self.cfg_normalization
+            norm = torch.linalg.vector_norm(guided.flatten(1), dim=1)
+            guided = guided * torch.where((norm > limit) & (scales > 0), limit / norm, 1.0).view(-1, 1, 1, 1)  # (x 1.0 is exact)
         return -guided
 
     def latent_shape(self) -> tuple[int, int, int]:
