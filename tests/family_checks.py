@@ -70,9 +70,9 @@ def initial_noise(policy, n: int) -> torch.Tensor:
 
 def pipeline_sample(case: FamilyCase, pipe, prompts: list[str], noise: torch.Tensor, output_type: str):
     """The family's own pipeline from `noise`, as latents (packed as the policy keeps them) or a float image array."""
-    with torch.no_grad():
+    with torch.no_grad():  # a copy of the prompts: ZImagePipeline writes its chat template into the list it is given
         result = pipe(
-            prompt=prompts, latents=noise.clone(), num_inference_steps=case.num_steps, height=case.size, width=case.size,
+            prompt=list(prompts), latents=noise.clone(), num_inference_steps=case.num_steps, height=case.size, width=case.size,
             output_type=output_type, **case.pipeline_kwargs(case.guidance_scale),
         )  # fmt: skip
     images = result.frames if hasattr(result, "frames") else result.images

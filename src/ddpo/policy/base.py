@@ -38,6 +38,17 @@ def encode_each_distinct(prompts: Sequence[str], encode_one: Callable[[str], tup
     return tuple(torch.cat(parts)[index] for parts in zip(*outputs))
 
 
+def pad_states(states: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, L, D) text states of one prompt -> (1, length, D) states, zero after the L tokens, and the (1, length)
+    int64 mask of the L tokens: families whose prompts have their own lengths (Qwen-Image, Z-Image) store them so,
+    and trajectories of any batch concatenate."""
+    padded = states.new_zeros(1, length, states.shape[2])
+    padded[:, : states.shape[1]] = states
+    mask = torch.zeros(1, length, dtype=torch.long, device=states.device)
+    mask[:, : states.shape[1]] = 1
+    return padded, mask
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
     module.to(device)

@@ -33,6 +33,8 @@ FAMILIES = (
     Family("SDXL", "StableDiffusionXLPipeline", "sdxl", "StableDiffusionXLPolicy", ("sdxl_aesthetic",), PARITY),
     Family("SD3 / SD3.5", "StableDiffusion3Pipeline", "sd3", "StableDiffusion3Policy", ("sd35_flow_grpo", "sd35_fdfo"), PARITY),
     Family("FLUX.1 (dev, schnell)", "FluxPipeline", "flux", "FluxPolicy", ("flux_dev_flow_grpo",), PARITY),
+    Family("Qwen-Image", "QwenImagePipeline", "qwen_image", "QwenImagePolicy", ("qwen_image_flow_grpo",), PARITY + " (true CFG)"),
+    Family("Z-Image", "ZImagePipeline", "z_image", "ZImagePolicy", ("z_image_flow_grpo",), PARITY),
 )  # fmt: skip
 PIPELINE_CLASSES = tuple(family.pipeline_class for family in FAMILIES)
 

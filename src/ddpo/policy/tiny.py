@@ -17,6 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
+from .tiny_qwen_zimage import TINY_PIPELINES as QWEN_ZIMAGE_PIPELINES
+
 ANIMAL_WORDS = ("a", "an", "cat", "dog", "horse", "elephant", "otter", "monkey", "riding", "bike", "playing", "chess")
 
 
@@ -203,6 +205,7 @@ TINY_PIPELINES = {
     "sd3": build_tiny_sd3_pipeline,
     "flux": build_tiny_flux_pipeline,
 }
+TINY_PIPELINES.update(QWEN_ZIMAGE_PIPELINES)
 
 
 def save_tiny_pipeline(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd") -> Path:
