@@ -37,6 +37,9 @@ class FamilyCase:
     stochastic:       SamplingOptions fields of the training sampler (eta 1, or "sde")
     pipeline_kwargs:  (guidance_scale) -> the extra keyword arguments of pipe(...) that make it sample alike
     size:             image height and width
+    pipeline_latents: the policy's initial noise -> the pipeline's `latents` argument (FLUX.2 takes it unpacked)
+    output_latents:   (policy, final latents) -> what the pipeline returns with output_type="latent" (FLUX.2 klein
+                      returns the VAE's latents)
     """
 
     name: str
@@ -49,6 +52,8 @@ class FamilyCase:
     num_steps: int = 4
     guidance_scale: float = 3.0
     policy_kwargs: dict = field(default_factory=dict)
+    pipeline_latents: Callable[[torch.Tensor], torch.Tensor] = lambda noise: noise
+    output_latents: Callable[[object, torch.Tensor], torch.Tensor] = lambda policy, latents: latents
 
     def sampling(self, kind: str, **overrides) -> SamplingOptions:
         options = dict(num_steps=self.num_steps, guidance_scale=self.guidance_scale, height=self.size, width=self.size)
@@ -72,7 +77,7 @@ def pipeline_sample(case: FamilyCase, pipe, prompts: list[str], noise: torch.Ten
     """The family's own pipeline from `noise`, as latents (packed as the policy keeps them) or a float image array."""
     with torch.no_grad():
         result = pipe(
-            prompt=prompts, latents=noise.clone(), num_inference_steps=case.num_steps, height=case.size, width=case.size,
+            prompt=prompts, latents=case.pipeline_latents(noise.clone()), num_inference_steps=case.num_steps, height=case.size, width=case.size,
             output_type=output_type, **case.pipeline_kwargs(case.guidance_scale),
         )  # fmt: skip
     images = result.frames if hasattr(result, "frames") else result.images
@@ -88,14 +93,15 @@ def check_full_chain_parity(case: FamilyCase, batch_size: int) -> dict:
     prompts = PROMPTS[:batch_size]
     noise = initial_noise(policy, batch_size)
     trajectory = policy.sample(prompts, generators(batch_size), decode=False, initial_latents=noise)
-    ours = trajectory.latents[:, -1]
-    ours_images = np.asarray(policy.decode(ours, output_type="np"))
+    final = trajectory.latents[:, -1]
+    ours = case.output_latents(policy, final)
+    ours_images = np.asarray(policy.decode(final, output_type="np"))
     theirs = pipeline_sample(case, pipe, prompts, noise, "latent")
     theirs_images = pipeline_sample(case, pipe, prompts, noise, "np")
     latent_gap = (ours.float() - theirs.float()).abs().max().item()
     image_gap = float(np.abs(ours_images.astype(np.float64) - theirs_images.astype(np.float64)).max())
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    assert (ours - noise).abs().max() > 1e-3  # the chain moved: the comparison is not of the noise with itself
+    assert (final - noise).abs().max() > 1e-3  # the chain moved: the comparison is not of the noise with itself
     assert latent_gap <= 1e-5 and image_gap <= 1e-5, (latent_gap, image_gap)
     return {"latents": latent_gap, "images": image_gap}
 
@@ -139,7 +145,7 @@ def check_lora_round_trip(case: FamilyCase, tmp_path) -> float:
     ours = policy.sample(PROMPTS[:2], generators(2), decode=False, initial_latents=noise).latents[:, -1]
     base = case.policy(case.build()).sample(PROMPTS[:2], generators(2), decode=False, initial_latents=noise).latents[:, -1]
     theirs = pipeline_sample(case, fresh, PROMPTS[:2], noise, "latent")
-    gap = (ours.float() - theirs.float()).abs().max().item()
+    gap = (case.output_latents(policy, ours).float() - theirs.float()).abs().max().item()
     assert (ours - base).abs().max() > 1e-3  # the LoRA changes the samples: the round trip is not vacuous
     assert gap <= 1e-5, gap
     return gap
