@@ -40,6 +40,7 @@ class FamilyCase:
     pipeline_latents: the policy's initial noise -> the pipeline's `latents` argument (FLUX.2 takes it unpacked)
     output_latents:   (policy, final latents) -> what the pipeline returns with output_type="latent" (FLUX.2 klein
                       returns the VAE's latents)
+    lora_targets:     the LoRA target modules of the LoRA checks (None: `LoraOptions`' default)
     """
 
     name: str
@@ -54,6 +55,10 @@ class FamilyCase:
     policy_kwargs: dict = field(default_factory=dict)
     pipeline_latents: Callable[[torch.Tensor], torch.Tensor] = lambda noise: noise
     output_latents: Callable[[object, torch.Tensor], torch.Tensor] = lambda policy, latents: latents
+    lora_targets: list[str] | None = None
+
+    def lora(self, rank: int, alpha: float) -> LoraOptions:
+        return LoraOptions(rank=rank, alpha=alpha, **({} if self.lora_targets is None else {"target_modules": list(self.lora_targets)}))
 
     def sampling(self, kind: str, **overrides) -> SamplingOptions:
         options = dict(num_steps=self.num_steps, guidance_scale=self.guidance_scale, height=self.size, width=self.size)
@@ -111,7 +116,7 @@ def check_on_policy_log_probs(case: FamilyCase) -> float:
 
     Returns max |ratio - 1| before the step."""
     pipe = case.build()
-    policy = case.policy(pipe, "stochastic", LoraOptions(rank=4, alpha=4.0))
+    policy = case.policy(pipe, "stochastic", case.lora(rank=4, alpha=4.0))
     trajectory = policy.sample(PROMPTS[:2], generators(2), decode=False)
     steps = torch.tensor([s for s in range(trajectory.num_steps) if torch.isfinite(trajectory.log_probs[:, s]).all()])
     recomputed = policy.log_prob(trajectory, steps)
@@ -135,7 +140,7 @@ def check_lora_round_trip(case: FamilyCase, tmp_path) -> float:
     Returns max |latents difference| (asserted <= 1e-5)."""
     pipe = case.build()
     fresh = copy.deepcopy(pipe)
-    policy = case.policy(pipe, lora=LoraOptions(rank=4, alpha=8.0))
+    policy = case.policy(pipe, lora=case.lora(rank=4, alpha=8.0))
     with torch.no_grad():
         for parameter in policy.trainable_parameters():
             parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())) * 0.1)

@@ -48,7 +48,13 @@ def _flow_policy_class(pipeline) -> type[FlowMatchingPolicy]:
     from .flux import FluxPolicy
     from .sd3 import StableDiffusion3Policy
 
-    return {"StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy}.get(type(pipeline).__name__, UNetFlowPolicy)
+    from .flux2 import Flux2Policy
+    from .wan import WanPolicy
+
+    return {
+        "StableDiffusion3Pipeline": StableDiffusion3Policy, "FluxPipeline": FluxPolicy,
+        "Flux2Pipeline": Flux2Policy, "Flux2KleinPipeline": Flux2Policy, "WanPipeline": WanPolicy,
+    }.get(type(pipeline).__name__, UNetFlowPolicy)  # fmt: skip
 
 
 def policy_for_pipeline(
@@ -92,7 +98,7 @@ def _policy_for_pipeline(pipeline, config, sampler: str, lora: LoraOptions, comm
     sampling = FlowSamplingOptions(
         num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
         sampler=sampler, noise_level=sample.noise_level, churn=sample.churn, eval_num_steps=sample.eval_num_steps,
-        sde_window=sample.sde_window if sampler == "sde" else 0,
+        sde_window=sample.sde_window if sampler == "sde" else 0, num_frames=sample.num_frames,
     )  # fmt: skip
     return _flow_policy_class(pipeline)(pipeline, sampling, lora, **common)
 

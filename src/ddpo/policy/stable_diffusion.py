@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOp
 
 # The pipelines a policy exists for, by the `_class_name` of their model_index.json (imported when used:
 # importing SD3's pipeline makes transformers print warnings about optional image processors).
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "WanPipeline")
 
 
 class PolicyLoadError(RuntimeError):
@@ -56,6 +56,10 @@ def load_pipeline(pretrained: str, revision: str | None = None) -> DiffusionPipe
     except Exception as error:
         raise PolicyLoadError(f"model.pretrained={pretrained!r} could not be loaded as a {class_name}: {_first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
+    if class_name == "WanPipeline":  # sampled with the flow-matching Euler schedule of its flow shift (policy/wan.py)
+        from .wan import use_flow_matching_scheduler
+
+        use_flow_matching_scheduler(pipe)
     return pipe
 
 

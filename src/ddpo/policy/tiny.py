@@ -169,6 +169,9 @@ def _eval_mode(pipe):
 
 
 TINY_PIPELINES = {"sd": build_tiny_pipeline, "sd-flow": lambda seed=0: build_tiny_pipeline(seed, flow=True), "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}
+from .tiny_flux2_wan import TINY_PIPELINES as FLUX2_WAN_PIPELINES  # noqa: E402
+
+TINY_PIPELINES.update(FLUX2_WAN_PIPELINES)
 
 
 def save_tiny_pipeline(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd") -> Path:

@@ -15,7 +15,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .tiny import ANIMAL_WORDS, _eval_mode
 
 # Renders a conversation (content a string, or a list of {"type": "text", "text": ...} parts) as "role : text" turns.
 CHAT_TEMPLATE = (
@@ -68,14 +67,16 @@ def _flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
 
 
-def build_tiny_flux2_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS):
+def build_tiny_flux2_pipeline(seed: int = 0, words: tuple[str, ...] | None = None):
     """A random `Flux2Pipeline` (FLUX.2 dev): guidance-embedded transformer (one double, one single block), a 30-layer
     Mistral3 text encoder of width 16 (its states 10, 20, 30 stacked: 48 wide), 32 px images."""
     from diffusers import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
+    from .tiny import ANIMAL_WORDS, _eval_mode  # here: `tiny` registers this module's builders
+
     torch.manual_seed(seed)
-    tokenizer = _chat_tokenizer(words)
+    tokenizer = _chat_tokenizer(words or ANIMAL_WORDS)
     config = Mistral3Config(
         text_config={
             "model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 37, "max_position_embeddings": 512,
@@ -97,14 +98,16 @@ def build_tiny_flux2_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WOR
     return _eval_mode(pipe)
 
 
-def build_tiny_flux2_klein_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS, is_distilled: bool = False):
+def build_tiny_flux2_klein_pipeline(seed: int = 0, words: tuple[str, ...] | None = None, is_distilled: bool = False):
     """A random `Flux2KleinPipeline` (FLUX.2 klein): transformer without guidance embedding (CFG with the empty prompt
     unless `is_distilled`), a 27-layer Qwen3 text encoder of width 16 (states 9, 18, 27 stacked: 48 wide), 32 px."""
     from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from .tiny import ANIMAL_WORDS, _eval_mode  # here: `tiny` registers this module's builders
+
     torch.manual_seed(seed)
-    tokenizer = _chat_tokenizer(words)
+    tokenizer = _chat_tokenizer(words or ANIMAL_WORDS)
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=2,
         head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3,
@@ -118,7 +121,7 @@ def build_tiny_flux2_klein_pipeline(seed: int = 0, words: tuple[str, ...] = ANIM
     return _eval_mode(pipe)
 
 
-def build_tiny_wan_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS, shift: float = 3.0):
+def build_tiny_wan_pipeline(seed: int = 0, words: tuple[str, ...] | None = None, shift: float = 3.0):
     """A random `WanPipeline` (Wan 2.1 text-to-video): a two-layer WanTransformer3DModel, the 3-D causal VAE with
     spatial factor 8 and temporal factor 4 (5 frames of 32 px -> 2 x 4 x 4 latents of 16 channels), UMT5 of
     width 32; the flow-matching Euler scheduler with Wan's flow shift `shift` (the hub's UniPC is replaced by it
@@ -126,11 +129,11 @@ def build_tiny_wan_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from .tiny import _t5
+    from .tiny import ANIMAL_WORDS, _eval_mode, _t5  # here: `tiny` registers this module's builders
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    _, tokenizer = _t5(words, d_model=32)
+    _, tokenizer = _t5(words or ANIMAL_WORDS, d_model=32)
     text_encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
     )
@@ -141,3 +144,6 @@ def build_tiny_wan_pipeline(seed: int = 0, words: tuple[str, ...] = ANIMAL_WORDS
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return _eval_mode(pipe)
+
+
+TINY_PIPELINES = {"flux2": build_tiny_flux2_pipeline, "flux2-klein": build_tiny_flux2_klein_pipeline, "wan": build_tiny_wan_pipeline}
