@@ -110,7 +110,9 @@ def sampling_policy(pipeline, sampling: SamplingOptions, *, flow_num_steps: int 
     if not is_flow_pipeline(pipeline):
         return StableDiffusionPolicy(pipeline, sampling, LoraOptions(enabled=False))
     steps = flow_num_steps or sampling.num_steps
-    flow = FlowSamplingOptions(num_steps=steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode")
+    flow = FlowSamplingOptions(
+        num_steps=steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode", num_frames=sampling.num_frames
+    )
     return _flow_policy_class(pipeline)(pipeline, flow, LoraOptions(enabled=False))
 
 

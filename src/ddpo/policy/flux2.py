@@ -33,16 +33,17 @@ def single_lora_targets(num_single_layers: int) -> list[str]:
     return [f"single_transformer_blocks.{i}.attn.to_out" for i in range(num_single_layers)]
 
 
+# black-forest-labs/FLUX.2-klein-4B transformer/config.json (as quoted by mflux, DiffSynth-Studio and OpenFlowLM's
+# configs found with the code search; diffusers' defaults for the rest)
+KLEIN_4B = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "guidance_embeds": False,
+}  # fmt: skip
 REAL_ARCHITECTURE = {
     "klein-4b": {
         "class": "Flux2Transformer2DModel",
-        # black-forest-labs/FLUX.2-klein-4B transformer/config.json (as quoted by mflux, DiffSynth-Studio and OpenFlowLM's
-        # configs found with the code search; diffusers' defaults for the rest)
-        "config": {
-            "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
-            "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
-            "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "guidance_embeds": False,
-        },
+        "config": KLEIN_4B,
         "published_parameters": 4e9,  # "FLUX.2 [klein] 4B" (model card)
         "source": "https://huggingface.co/black-forest-labs/FLUX.2-klein-4B/blob/main/transformer/config.json",
     },
@@ -50,15 +51,11 @@ REAL_ARCHITECTURE = {
         "class": "Flux2Transformer2DModel",
         # black-forest-labs/FLUX.2-dev transformer/config.json: diffusers' Flux2Transformer2DModel defaults (8 double,
         # 48 single blocks, 48 heads of 128, Mistral3 states 3 x 5120 = 15360 wide, guidance embedding)
-        "config": {
-            "patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 48, "attention_head_dim": 128,
-            "num_attention_heads": 48, "joint_attention_dim": 15360, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
-            "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "guidance_embeds": True,
-        },
+        "config": {**KLEIN_4B, "num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48, "joint_attention_dim": 15360, "guidance_embeds": True},
         "published_parameters": 32e9,  # "FLUX.2 [dev] is a 32 billion parameter rectified flow transformer" (model card)
         "source": "https://huggingface.co/black-forest-labs/FLUX.2-dev/blob/main/transformer/config.json",
     },
-}  # fmt: skip
+}
 
 
 class Flux2Policy(FlowMatchingPolicy):

@@ -91,6 +91,8 @@ def native_image_size(pipeline) -> int:
     """The image size (pixels) the denoising network was trained at."""
     if getattr(pipeline, "unet", None) is not None:
         return pipeline.unet.config.sample_size * vae_scale_factor(pipeline)
+    if hasattr(pipeline, "vae_scale_factor_spatial"):  # Wan: 480 px high (by 832 wide) natively
+        return 480
     return pipeline.default_sample_size * vae_scale_factor(pipeline)  # SD3, FLUX
 
 

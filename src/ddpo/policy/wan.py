@@ -27,26 +27,23 @@ MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
 # DiffSynth-Studio's Wan 2.1 LoRA recipe ("q,k,v,o,ffn.0,ffn.2" in Wan's original names).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json, as diffusers' scripts/convert_wan_to_diffusers.py writes it
+WAN_1_3B = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
+    "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+}  # fmt: skip
 REAL_ARCHITECTURE = {
     "t2v-1.3b": {
         "class": "WanTransformer3DModel",
-        # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
-        "config": {
-            "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
-            "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": True,
-            "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
-        },
+        "config": WAN_1_3B,
         "published_parameters": 1.3e9,  # "Wan2.1-T2V-1.3B" (model card)
         "source": "https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json",
     },
     "t2v-14b": {
         "class": "WanTransformer3DModel",
-        # Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json
-        "config": {
-            "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
-            "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40, "cross_attn_norm": True,
-            "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
-        },
+        # Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: the 1.3B's with 40 heads, FFN 13824, 40 layers
+        "config": {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
         "published_parameters": 14e9,  # "Wan2.1-T2V-14B" (model card)
         "source": "https://huggingface.co/Wan-AI/Wan2.1-T2V-14B-Diffusers/blob/main/transformer/config.json",
     },
