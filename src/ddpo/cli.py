@@ -146,6 +146,7 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
             guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
             height=config.sample.height,
             width=config.sample.width,
+            num_frames=config.sample.num_frames,
         )
         policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)
         cells = [(prompt, seed + i) for prompt in prompts for i in range(num_images)]
@@ -200,7 +201,7 @@ def eval_command(target: str, which: tuple[str, ...], prompts_file: str | None, 
         scorers = eval_rewards_of(config, rewards)
         sampling = SamplingOptions(
             num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
-            height=config.sample.height, width=config.sample.width, scheduler=config.sample.scheduler,
+            height=config.sample.height, width=config.sample.width, scheduler=config.sample.scheduler, num_frames=config.sample.num_frames,
         )  # fmt: skip
         flow_steps = config.sample.eval_num_steps or config.sample.num_steps  # flow models evaluate as the trainer does
         models = {} if no_base else {"base": None}

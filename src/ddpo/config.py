@@ -116,6 +116,8 @@ class SampleConfig:
     eval_num_steps: int = 0
     """Flow models: steps of the deterministic ODE sampler of the sample grid and evaluation; 0 = num_steps.
     Flow-GRPO trains on 10 steps and evaluates on 40."""
+    num_frames: int = 1
+    """Video models (Wan): frames per sample; Wan needs num_frames - 1 divisible by 4 (e.g. 33, 81)."""
     sde_window: int = 0
     """Flow models with the SDE sampler: Flow-GRPO-Fast's window of this many consecutive SDE steps per sample,
     starting at a random step of the first half of the chain (drawn from the sample's own noise seed); every

@@ -470,9 +470,10 @@ class Trainer:
             images = self.policy.sample([prompt for _, prompt, _ in cells], generators).images  # one batch, row by row
         if not self.accelerator.is_main_process:
             return
-        image_grid(images, len(prompts), seeds).save(self.run_dir.sample_grid_path(epoch))
+        grid = image_grid(images, len(prompts), seeds)  # a video's cell is the strip of its frames
+        grid.save(self.run_dir.sample_grid_path(epoch))
         if epoch == 0 or not self.run_dir.grid_layout_path.is_file():
-            layout = {"prompts": prompts, "seeds": seeds, "cell_width": images[0].width, "cell_height": images[0].height}
+            layout = {"prompts": prompts, "seeds": seeds, "cell_width": grid.width // seeds, "cell_height": grid.height // len(prompts)}
             write_text_atomic(self.run_dir.grid_layout_path, json.dumps(layout) + "\n")
 
     def save_before_after(self) -> None:

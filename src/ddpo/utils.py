@@ -23,10 +23,20 @@ def generators_for(seed: int, kind: str, epoch: int, indices: list[int], device:
     return [torch.Generator(device=device).manual_seed(derive_seed(seed, kind, epoch, i)) for i in indices]
 
 
+def film_strip(frames: list[Image.Image]) -> Image.Image:
+    """A video's frames side by side, left to right."""
+    width, height = frames[0].size
+    strip = Image.new("RGB", (len(frames) * width, height))
+    for i, frame in enumerate(frames):
+        strip.paste(frame, (i * width, 0))
+    return strip
+
+
 def image_grid(images: list[Image.Image], rows: int, columns: int) -> Image.Image:
     """Paste images row by row into one grid image."""
     if len(images) != rows * columns:
         raise ValueError(f"image_grid got {len(images)} images for a {rows}x{columns} grid")
+    images = [film_strip(image) if isinstance(image, (list, tuple)) else image for image in images]  # videos: frames in a row
     width, height = images[0].size
     grid = Image.new("RGB", (columns * width, rows * height))
     for i, image in enumerate(images):

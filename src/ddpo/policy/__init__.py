@@ -94,7 +94,7 @@ def _policy_for_pipeline(pipeline, config, sampler: str, lora: LoraOptions, comm
     sampling = FlowSamplingOptions(
         num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
         sampler=sampler, noise_level=sample.noise_level, churn=sample.churn, eval_num_steps=sample.eval_num_steps,
-        sde_window=sample.sde_window if sampler == "sde" else 0,
+        sde_window=sample.sde_window if sampler == "sde" else 0, num_frames=sample.num_frames,
     )  # fmt: skip
     return policy_class(pipeline)(pipeline, sampling, lora, **common)
 
@@ -106,7 +106,9 @@ def sampling_policy(pipeline, sampling: SamplingOptions, *, flow_num_steps: int 
     if not is_flow_pipeline(pipeline):
         return policy_class(pipeline)(pipeline, sampling, LoraOptions(enabled=False))
     steps = flow_num_steps or sampling.num_steps
-    flow = FlowSamplingOptions(num_steps=steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode")
+    flow = FlowSamplingOptions(
+        num_steps=steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode", num_frames=sampling.num_frames
+    )
     return policy_class(pipeline)(pipeline, flow, LoraOptions(enabled=False))
 
 

@@ -19,12 +19,14 @@ class Family:
     policy_class: str  # the adapter class in that module
     presets: tuple[str, ...]  # presets in ddpo/configs that train it
     verified: str  # what the tests prove on tiny random components (tests/test_families*.py)
+    architectures: tuple[str, ...] = ()  # which of the module's REAL_ARCHITECTURES are this family's (default: all)
 
     def adapter(self) -> type:
         return getattr(importlib.import_module(f"ddpo.policy.{self.module}"), self.policy_class)
 
     def real_architectures(self) -> dict[str, dict]:
-        return importlib.import_module(f"ddpo.policy.{self.module}").REAL_ARCHITECTURES
+        real = importlib.import_module(f"ddpo.policy.{self.module}").REAL_ARCHITECTURES
+        return {name: real[name] for name in self.architectures} if self.architectures else real
 
 
 PARITY = "full chain = pipeline (1e-5), log-prob ratio 1, LoRA round trip, CLI epoch"
@@ -35,6 +37,9 @@ FAMILIES = (
     Family("FLUX.1 (dev, schnell)", "FluxPipeline", "flux", "FluxPolicy", ("flux_dev_flow_grpo",), PARITY),
     Family("Qwen-Image", "QwenImagePipeline", "qwen_image", "QwenImagePolicy", ("qwen_image_flow_grpo",), PARITY + " (true CFG)"),
     Family("Z-Image", "ZImagePipeline", "z_image", "ZImagePolicy", ("z_image_flow_grpo",), PARITY),
+    Family("FLUX.2 [dev]", "Flux2Pipeline", "flux2", "Flux2Policy", (), PARITY, ("FLUX.2 [dev]",)),
+    Family("FLUX.2 [klein]", "Flux2KleinPipeline", "flux2", "Flux2Policy", ("flux2_klein_flow_grpo",), PARITY + " (base and step-distilled)", ("FLUX.2 [klein] 4B",)),
+    Family("Wan 2.1 text-to-video", "WanPipeline", "wan", "WanPolicy", ("wan_t2v_flow_grpo",), PARITY + " (5 frames; Euler scheduler on both sides)"),
 )  # fmt: skip
 PIPELINE_CLASSES = tuple(family.pipeline_class for family in FAMILIES)
 

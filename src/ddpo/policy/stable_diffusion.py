@@ -84,6 +84,10 @@ def load_pipeline(pretrained: str, revision: str | None = None) -> DiffusionPipe
     except Exception as error:
         raise PolicyLoadError(f"model.pretrained={pretrained!r} could not be loaded as a {class_name}: {_first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
+    if class_name == "WanPipeline":  # sampled with the flow-matching Euler schedule of its flow shift (policy/wan.py)
+        from .wan import use_flow_matching_scheduler
+
+        use_flow_matching_scheduler(pipe)
     return pipe
 
 
@@ -115,6 +119,8 @@ def native_image_size(pipeline) -> int:
     """The image size (pixels) the denoising network was trained at."""
     if getattr(pipeline, "unet", None) is not None:
         return pipeline.unet.config.sample_size * vae_scale_factor(pipeline)
+    if hasattr(pipeline, "vae_scale_factor_spatial"):  # Wan: 480 px high (by 832 wide) natively
+        return 480
     return pipeline.default_sample_size * vae_scale_factor(pipeline)  # SD3, FLUX
 
 

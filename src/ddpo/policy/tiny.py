@@ -206,6 +206,9 @@ TINY_PIPELINES = {
     "flux": build_tiny_flux_pipeline,
 }
 TINY_PIPELINES.update(QWEN_ZIMAGE_PIPELINES)
+from .tiny_flux2_wan import TINY_PIPELINES as FLUX2_WAN_PIPELINES  # noqa: E402
+
+TINY_PIPELINES.update(FLUX2_WAN_PIPELINES)
 
 
 def save_tiny_pipeline(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd") -> Path:

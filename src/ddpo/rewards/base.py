@@ -98,6 +98,8 @@ def score(
     Raises:
         RewardError: naming `name` and the offending prompt (the batch's first one if the reward raised).
     """
+    if images and isinstance(images[0], (list, tuple)):
+        return score_videos(reward, name, images, prompts, metadata)
     try:
         output = reward(images, prompts, metadata)
     except RewardError:  # already names the failing reward, e.g. one term of a weighted sum
@@ -127,6 +129,27 @@ def score(
             f"reward {name!r} returned a non-finite score ({scores[index]}) for prompt {prompts[index]!r}"
         )
     return RewardOutput(scores=scores, info=output.info)
+
+
+def score_videos(
+    reward: Callable[..., Any], name: str, videos: list[list[Image.Image]], prompts: list[str], metadata: list[dict]
+) -> RewardOutput:
+    """A video's score: the mean of its frames' scores (every frame scored as an image with its video's prompt).
+
+    Per-frame info arrays are averaged per video too; other info is kept as the reward returned it."""
+    lengths = [len(frames) for frames in videos]
+    owner = np.repeat(np.arange(len(videos)), lengths)
+    frames = [frame for video in videos for frame in video]
+    output = score(reward, name, frames, [prompts[i] for i in owner], [metadata[i] for i in owner])
+
+    def per_video(values):
+        return np.bincount(owner, weights=np.asarray(values, dtype=np.float64), minlength=len(videos)) / np.asarray(lengths)
+
+    info = {}
+    for key, value in (output.info or {}).items():
+        is_per_frame = isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 and len(value) == len(frames)
+        info[key] = per_video(value).astype(np.float32) if is_per_frame and np.issubdtype(np.asarray(value).dtype, np.number) else value
+    return RewardOutput(scores=per_video(output.scores).astype(np.float32), info=info)
 
 
 @dataclass
