@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ddpo.algorithms import build_algorithm
-from ddpo.algorithms.fdfo import DIRECTION
 from ddpo.config import ConfigError, load_config
 from ddpo.core import endpoint_directions, group_normalize, pair_reward_differences, spo_loss
 from ddpo.core.trajectory import StepPrediction, Trajectory

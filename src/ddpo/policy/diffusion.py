@@ -138,12 +138,14 @@ class DiffusionPolicy(DiffusersPolicy):
         raise NotImplementedError
 
     def latent_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """One sample's latents as the network sees them (default: (C, H, W) of an image VAE, unpacked)."""
+        factor = vae_scale_factor(self.pipeline)
+        return (self.model.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
         """Images of final latents (`output_type` as the pipeline's image processor: "pil", or "np" for the float
         (B, H, W, C) array the pipeline returns); a video family returns each sample's frames."""
-        raise NotImplementedError
+        return vae_decode(self.pipeline, latents, output_type)
 
     negative_prompt = ""  # what classifier-free guidance contrasts with
 
@@ -356,6 +358,11 @@ class DiffusionPolicy(DiffusersPolicy):
             base_step = sampler.step(base_output, latents, levels[:, k], next_levels[:, k], prev_sample=latents)
             total += gaussian_kl(step.mean, base_step.mean, step.std)
         return total
+
+
+def vae_scale_factor(pipeline) -> int:
+    """Pixels per latent cell: the VAE halves the resolution once per block after the first."""
+    return 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
 
 def encode_each(prompts: list[str], encode_one) -> Conditioning:

@@ -14,7 +14,7 @@ from PIL import Image
 from .base import LoraOptions
 from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each, vae_decode
 from .flow import FlowMatchingPolicy
-from .stable_diffusion import vae_scale_factor
+from .diffusion import vae_scale_factor
 
 MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
 

@@ -18,7 +18,7 @@ from PIL import Image
 from .base import LoraOptions, encode_each_distinct
 from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance
 from .flow import FlowMatchingPolicy
-from .stable_diffusion import vae_scale_factor
+from .diffusion import vae_scale_factor
 
 MAX_SEQUENCE_LENGTH = 512  # the pipelines' default
 

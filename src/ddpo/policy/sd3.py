@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 
 from .base import LoraOptions
-from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each, vae_decode
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each
 from .flow import FlowMatchingPolicy
-from .stable_diffusion import vae_scale_factor
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -85,10 +83,3 @@ class StableDiffusion3Policy(FlowMatchingPolicy):
 
         timesteps = sigmas * self.pipeline.scheduler.config.num_train_timesteps
         return classifier_free_guidance(call, latents, timesteps, conditioning, self.sampling.guidance_scale, guidance)
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        factor = vae_scale_factor(self.pipeline)
-        return (self.model.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
-
-    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        return vae_decode(self.pipeline, latents, output_type)

@@ -7,11 +7,10 @@ its noise schedule, as SD 1.x."""
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
 from .base import LoraOptions
-from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each, vae_decode
-from .stable_diffusion import DenoisingPolicy, vae_scale_factor
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, encode_each
+from .stable_diffusion import DenoisingPolicy
 
 # The real network, built on the meta device by the tests (parameter count against the published size, LoRA targets
 # present) and by the README's model table.
@@ -68,10 +67,3 @@ class StableDiffusionXLPolicy(DenoisingPolicy):
             return model(latents, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
 
         return classifier_free_guidance(call, latents, timesteps, conditioning, self.sampling.guidance_scale, guidance)
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        factor = vae_scale_factor(self.pipeline)
-        return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
-
-    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        return vae_decode(self.pipeline, latents, output_type)

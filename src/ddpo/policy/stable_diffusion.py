@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 import diffusers
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
-from PIL import Image
 
 from ..core.ddim import ddim_alphas
 from ..core.samplers import Sampler, denoising_sampler
 from .base import DEFAULT_LORA_TARGETS, LoraOptions, encode_each_distinct
 from .families import PIPELINE_CLASSES
-from .diffusion import Conditioning, DiffusionPolicy, SamplingOptions, Schedule, classifier_free_guidance, vae_decode
+from .diffusion import Conditioning, DiffusionPolicy, SamplingOptions, Schedule, classifier_free_guidance, vae_scale_factor
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraOptions", "PolicyLoadError", "SamplingOptions", "StableDiffusionPolicy", "load_pipeline"]
 
@@ -110,11 +109,6 @@ def ddim_scheduler_for_policy(config) -> DDIMScheduler:
     return scheduler
 
 
-def vae_scale_factor(pipeline) -> int:
-    """Pixels per latent cell: the VAE halves the resolution once per block after the first."""
-    return 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-
-
 def native_image_size(pipeline) -> int:
     """The image size (pixels) the denoising network was trained at."""
     if getattr(pipeline, "unet", None) is not None:
@@ -157,13 +151,6 @@ class StableDiffusionText:
             return model(latents, timesteps, embeds).sample
 
         return classifier_free_guidance(call, latents, timesteps, conditioning, self.sampling.guidance_scale, guidance)
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        factor = vae_scale_factor(self.pipeline)
-        return (self.unet.config.in_channels, self.sampling.height // factor, self.sampling.width // factor)
-
-    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        return vae_decode(self.pipeline, latents, output_type)
 
 
 class DenoisingPolicy(DiffusionPolicy):
