@@ -247,6 +247,27 @@ def report(run_dir: str) -> None:
     click.echo(path)
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", "which", default="auto", show_default=True, help=CHECKPOINT_HELP)
+@click.option("--out", required=True, type=click.Path(), help="Pipeline directory to write (must not exist, or be empty).")
+@click.option("--merge", is_flag=True, help="Fuse the LoRA into the UNet (default: base pipeline + the LoRA file).")
+@click.option("--push", "repo_id", metavar="REPO_ID", help="Then upload the directory to the hub as this model repo (needs a token).")
+@click.option("--private", is_flag=True, help="With --push: create the repo private.")
+def export(run_dir: str, which: str, out: str, merge: bool, repo_id: str | None, private: bool) -> None:
+    """Write a run's checkpoint as a diffusers pipeline with a model card (README.md); optionally push it."""
+    _quiet_libraries()
+    from .export import ExportError, export_run, push_to_hub
+
+    try:
+        result = export_run(run_dir, out, checkpoint=which, merge=merge)
+        click.echo(f"exported epoch {result.epoch} ({'merged' if result.merged else 'base + LoRA'}, {result.size_bytes / 2**20:.1f} MiB): {result.path}")
+        if repo_id:
+            click.echo(f"pushed: {push_to_hub(result.path, repo_id, private=private)}")
+    except (ExportError, *_user_errors()) as error:
+        raise UserError(str(error)) from error
+
+
 @main.command("serve-reward")
 @click.option("--reward", "reward_name", required=True, metavar="NAME", help="Registered reward name or 'package.module:function'.")
 @click.option("--kwargs", "reward_kwargs", default="{}", metavar="JSON", help='Keyword arguments of the reward, a JSON object, e.g. \'{"model": "DIR"}\'.')
