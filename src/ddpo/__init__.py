@@ -1,0 +1,63 @@
+"""ddpo: reinforcement-learning post-training of text-to-image diffusion and flow models.
+
+The Python API (`ddpo.api`), importable without loading torch until it is used:
+`ddpo.train(config_or_path, reward=..., prompts=..., **overrides) -> RunResult`, `ddpo.load_config(...)`,
+`ddpo.sample(model_or_run, prompts, ...)`, `ddpo.evaluate(run_dir, ...)`.
+
+`ddpo.train` and `ddpo.evaluate` are these functions even though modules of the same names exist: import from the
+modules by name (`from ddpo.train import Trainer`), which always works.
+"""
+
+import sys
+import types
+
+__all__ = ["RunResult", "evaluate", "load_config", "sample", "train"]
+
+
+def train(*args, **kwargs):
+    """See `ddpo.api.train`."""
+    from .api import train as train_
+
+    return train_(*args, **kwargs)
+
+
+def evaluate(*args, **kwargs):
+    """See `ddpo.api.evaluate`."""
+    from .api import evaluate as evaluate_
+
+    return evaluate_(*args, **kwargs)
+
+
+def sample(*args, **kwargs):
+    """See `ddpo.api.sample`."""
+    from .api import sample as sample_
+
+    return sample_(*args, **kwargs)
+
+
+def load_config(*args, **kwargs):
+    """See `ddpo.api.load_config`."""
+    from .api import load_config as load_config_
+
+    return load_config_(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "RunResult":
+        from .api import RunResult
+
+        return RunResult
+    raise AttributeError(f"module 'ddpo' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodules `ddpo.train` / `ddpo.evaluate` must not replace the API functions of those names
+    (the import system sets a package attribute per submodule); the modules stay in `sys.modules`."""
+
+    def __setattr__(self, name, value):
+        if name in ("train", "evaluate") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
