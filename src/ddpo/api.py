@@ -56,7 +56,7 @@ def load_config(config_or_path: str | Path | Config | Mapping | None = None, ove
     values = dict(overrides) if isinstance(overrides, Mapping) else {}
     values.update({key.replace("__", "."): value for key, value in keyword_overrides.items()})
     for key, value in values.items():
-        if "." not in key:
+        if "." not in key and key not in ("seed", "run_name"):  # the two top-level keys
             raise ConfigError(f"override {key!r}: name the section too, e.g. train.{key} (or train__{key}=... as a keyword)")
         nested: Any = value
         for part in reversed(key.split(".")):
