@@ -124,13 +124,17 @@ CHECKPOINT_HELP = "With a run directory: an epoch number, 'latest', 'best' (best
 @click.option("--steps", "num_steps", type=int, help="Denoising steps (default: the run's config, else 50).")
 @click.option("--guidance", "guidance_scale", type=float, help="CFG scale (default: the run's config, else 5).")
 @click.option("--eta", type=float, help="DDIM eta (default: the run's config, else 1).")
+@click.option("--rl-scale", "rl_scale", type=float, help="RL guidance: base + S x (fine-tuned - base); 0 is the base model, 1 the --lora checkpoint.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG: a grid, one row per prompt.")
-def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, ...], num_images: int, seed: int, num_steps, guidance_scale, eta, out: str) -> None:
+def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, ...], num_images: int, seed: int, num_steps, guidance_scale, eta, rl_scale, out: str) -> None:
     """Sample images from a base model, or from base + a run's checkpoint (any epoch)."""
     _quiet_libraries()
+    from contextlib import nullcontext
+
     import torch
 
     from .config import Config
+    from .guidance import GuidanceError, rl_guidance
     from .policy import SamplingOptions
     from .run_directory import resolve_adapter_dir
     from .utils import image_grid
@@ -147,10 +151,13 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
             height=config.sample.height,
             width=config.sample.width,
         )
+        if rl_scale is not None and checkpoint_dir is None:
+            raise UserError("--rl-scale mixes a base model with a fine-tuned LoRA: give --lora RUN_DIR")
         policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)
         cells = [(prompt, seed + i) for prompt in prompts for i in range(num_images)]
-        images = policy.sample([p for p, _ in cells], [torch.Generator().manual_seed(s) for _, s in cells]).images
-    except _user_errors() as error:
+        with rl_guidance(policy, rl_scale) if rl_scale is not None else nullcontext():
+            images = policy.sample([p for p, _ in cells], [torch.Generator().manual_seed(s) for _, s in cells]).images
+    except (GuidanceError, *_user_errors()) as error:
         raise UserError(str(error)) from error
     if checkpoint_dir is not None:
         click.echo(f"checkpoint: {checkpoint_dir}", err=True)
@@ -265,6 +272,26 @@ def export(run_dir: str, which: str, out: str, merge: bool, repo_id: str | None,
         if repo_id:
             click.echo(f"pushed: {push_to_hub(result.path, repo_id, private=private)}")
     except (ExportError, *_user_errors()) as error:
+        raise UserError(str(error)) from error
+
+
+@main.command("sweep")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--cfg", "cfg_scales", default="1,2,3,5", show_default=True, help="CFG scales, comma-separated.")
+@click.option("--rl-scale", "rl_scales", default="0,0.5,1,1.5", show_default=True, help="RL-guidance scales, comma-separated (0: base model, 1: the checkpoint).")
+@click.option("--checkpoint", "which", default="auto", show_default=True, help=CHECKPOINT_HELP)
+@click.option("--seeds", type=int, help="Seeds per prompt (default: log.num_eval_seeds; at least 2, for diversity).")
+@click.option("--prompts-per-group", default=0, show_default=True, help="Evaluate this many trained and held-out prompts each (0: all).")
+@click.option("--out", type=click.Path(dir_okay=False), help="The page (default: RUN_DIR/sweep.html; the numbers go beside it as .json).")
+def sweep(run_dir: str, cfg_scales: str, rl_scales: str, which: str, seeds: int | None, prompts_per_group: int, out: str | None) -> None:
+    """Reward, held-out score and diversity over CFG x RL-guidance scales, with image strips (an HTML page)."""
+    _quiet_libraries()
+    from .sweep import SweepError, parse_scales, run_sweep, write_sweep
+
+    try:
+        result = run_sweep(run_dir, parse_scales(cfg_scales, "--cfg"), parse_scales(rl_scales, "--rl-scale"), checkpoint=which, seeds=seeds, prompts_per_group=prompts_per_group)
+        click.echo(write_sweep(result, out))
+    except (SweepError, *_user_errors()) as error:
         raise UserError(str(error)) from error
 
 

@@ -17,6 +17,10 @@ from dataclasses import replace
 import torch
 
 
+class GuidanceError(ValueError):
+    """RL guidance asked of a model without a LoRA (no base model to mix with)."""
+
+
 class GuidedNetwork(torch.nn.Module):
     """A LoRA network called twice, adapters disabled and enabled, returning base + scale * (fine-tuned - base)
     in the same output type (the `.sample` of diffusers' output classes, or a tensor)."""
@@ -76,12 +80,12 @@ def rl_guidance(policy, scale: float) -> Iterator[None]:
     """Within the block, `policy.sample` mixes base and fine-tuned predictions with `scale`.
 
     Raises:
-        ValueError: the policy's network has no LoRA adapters (no base model to mix with).
+        GuidanceError: the policy's network has no LoRA adapters (no base model to mix with).
     """
     names = [name for name in ("unet", "transformer", "model") if isinstance(getattr(policy, name, None), torch.nn.Module)]
     network = getattr(policy, names[0]) if names else None
     if network is None or not has_adapters(network):
-        raise ValueError("RL guidance (--rl-scale) mixes a base model with a fine-tuned LoRA: give a run or checkpoint with LoRA weights")
+        raise GuidanceError("RL guidance (--rl-scale) mixes a base model with a fine-tuned LoRA: give a run or checkpoint with LoRA weights")
     guided = GuidedNetwork(network, scale)
     saved = {name: getattr(policy, name) for name in names}
     try:
