@@ -254,6 +254,42 @@ def report(run_dir: str) -> None:
     click.echo(path)
 
 
+@main.command("sft")
+@click.argument("data", required=False, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the SFT run in this directory from its latest checkpoint.")
+@click.option("--config", "config_path", metavar="FILE.toml|PRESET", help=f"The model and LoRA keys (default: {DEFAULT_PRESET}).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key; repeatable.")
+@click.option("--epochs", type=int, help="Passes over the demonstrations (default 10; with --resume: the new total).")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--caption-column", default="text", show_default=True, help="The caption's key in metadata.jsonl.")
+def sft(data: str | None, out: str | None, resume: str | None, config_path: str | None, overrides: tuple[str, ...], epochs: int | None, batch_size: int, lr: float, caption_column: str) -> None:
+    """Supervised fine-tuning on demonstrations (DATA: images + metadata.jsonl), the RLHF recipe's first step."""
+    _quiet_libraries()
+    from .config import load_config
+    from .sft import SftDataError, SftOptions, SftTrainer, read_options
+
+    try:
+        if resume:
+            if data or out or config_path or overrides:
+                raise UserError("--resume continues an SFT run with its own config.toml and sft.json; give only --epochs")
+            options = read_options(resume)
+            options.epochs = epochs or options.epochs
+            run_dir = resume
+            config = load_config(Path(resume) / "config.toml")
+        else:
+            if not data or not out:
+                raise UserError("give DATA (a folder with metadata.jsonl) and --out RUN_DIR, or --resume RUN_DIR")
+            options = SftOptions(data=str(Path(data).resolve()), epochs=epochs or 10, batch_size=batch_size, lr=lr, caption_column=caption_column)
+            config = load_config(config_path or DEFAULT_PRESET, overrides)
+            run_dir = out
+        path = SftTrainer(config, options, run_dir, resume=bool(resume), log=click.echo).run()
+    except (SftDataError, *_user_errors()) as error:
+        raise UserError(str(error)) from error
+    click.echo(f"run directory: {path}")
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--checkpoint", "which", default="auto", show_default=True, help=CHECKPOINT_HELP)
