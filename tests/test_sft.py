@@ -87,7 +87,9 @@ def test_train_continues_from_the_sft_lora(sft_run, tiny_pipeline_dir, tmp_path)
     from ddpo.config import load_config
     from ddpo.train import Trainer
 
-    args = cli_args(tiny_pipeline_dir, tmp_path / "rl", **{"train.epochs": 1, "model.init_lora": f'"{sft_run}"', "model.lora_target_modules": '["to_k", "to_q", "to_v", "to_out.0"]'})
+    # the SFT run's LoRA keys (shapes/default's rank 8, alpha 8; the targets set in _model_args)
+    lora = {"model.lora_rank": 8, "model.lora_alpha": 8.0, "model.lora_target_modules": '["to_k", "to_q", "to_v", "to_out.0"]'}
+    args = cli_args(tiny_pipeline_dir, tmp_path / "rl", **{"train.epochs": 1, "model.init_lora": f'"{sft_run}"', **lora})
     config = load_config("sd_compressibility", [a for a in args if "=" in a])
     trainer = Trainer(config, tmp_path / "probe", progress=False)
     sft_state = load_file(str(sft_run / "checkpoints" / "epoch-0003" / "trainable.safetensors"))
