@@ -55,11 +55,13 @@ def test_wheel_and_sdist_build_pass_twine_and_ship_weights_and_configs(dist):
 @pytest.mark.slow
 def test_a_fresh_venv_installing_the_wheel_runs_ddpo_train(dist, tmp_path):
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    _run([*pip, "torch==2.13.0"])  # pinned first: an unpinned torch would pull a multi-GB CUDA build
-    _run([*pip, str(next(dist.glob("*.whl")))])
+    # Nothing of this process's environment leaks in: a PYTHONPATH holding the checkout would make pip think ddpo
+    # is installed already, and the checkout would be what runs.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    _run([sys.executable, "-m", "venv", str(venv)], env=env)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    _run([*pip, "torch==2.13.0"], env=env)  # pinned first: an unpinned torch would pull a multi-GB CUDA build
+    _run([*pip, str(next(dist.glob("*.whl")))], env=env)
     env["HF_HUB_OFFLINE"] = "1"
     # The embedded default (`ddpo train`, no --config), for one small epoch; run outside the checkout.
     overrides = ["train.epochs=1", "sample.num_steps=4", "sample.batch_size=8", "sample.num_batches_per_epoch=1", "train.batch_size=8", "log.eval_every=0"]
