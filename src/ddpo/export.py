@@ -161,7 +161,7 @@ def _evaluation_rows(run: RunDirectory, epoch: int) -> tuple[list[tuple[str, flo
                     if isinstance(value, (int, float)) and isinstance(base, (int, float)):
                         rows.append((f"{reward} ({group})", float(base), float(value)))
             return rows, f"`ddpo eval` (eval.json), {report.get('seeds', '?')} seeds per prompt"
-    return [], "none recorded: run `ddpo eval RUN_DIR` before exporting to add them"
+    return [], ""
 
 
 def model_card_text(run: RunDirectory, config: Config, epoch: int, *, merged: bool, lora: bool, has_image: bool) -> str:
@@ -203,7 +203,7 @@ def model_card_text(run: RunDirectory, config: Config, epoch: int, *, merged: bo
     ]
     if first_reward is not None:
         lines.append(f"- Training reward (batch mean): {first_reward:.4f} in epoch 1, {last['reward_mean']:.4f} in epoch {last['epoch']}")
-    lines += ["", "## Evaluation", "", f"Before and after, measured by {source}.", ""]
+    lines += ["", "## Evaluation", "", f"Before and after, measured by {source}." if rows else "No before/after evaluation recorded: run `ddpo eval RUN_DIR` before exporting to add one.", ""]
     if table:
         lines += ["| metric | before | after | change |", "|---|---|---|---|", table, ""]
     if has_image:
