@@ -110,3 +110,11 @@ def test_example_runs(script, tmp_path, monkeypatch, capsys):
     assert f"run {tmp_path / 'run'}" in out or "resumed to epoch 2" in out or "samples:" in out
     if script == "evaluate_run":
         assert (tmp_path / "run" / "base-vs-tuned.png").is_file() and "epoch-0002:" in out
+
+
+def test_ddpo_train_stays_callable_beside_its_module():
+    import ddpo.train  # the module of the same name: importing it must not hide the API function
+
+    assert callable(ddpo.train) and ddpo.train.Trainer.__name__ == "Trainer"
+    with pytest.raises(Exception, match="name the section"):
+        ddpo.train("shapes/default", epochs=1)  # reaches ddpo.api.train (which refuses the key)

@@ -4,8 +4,8 @@ The Python API (`ddpo.api`), importable without loading torch until it is used:
 `ddpo.train(config_or_path, reward=..., prompts=..., **overrides) -> RunResult`, `ddpo.load_config(...)`,
 `ddpo.sample(model_or_run, prompts, ...)`, `ddpo.evaluate(run_dir, ...)`.
 
-`ddpo.train` and `ddpo.evaluate` are these functions even though modules of the same names exist: import from the
-modules by name (`from ddpo.train import Trainer`), which always works.
+`ddpo.train` and `ddpo.evaluate` stay callable after the modules of the same names are imported (`ddpo.train.Trainer`
+is the trainer class): see `_Package`.
 """
 
 import sys
@@ -50,13 +50,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ddpo' has no attribute {name!r}")
 
 
+class _CallableModule(types.ModuleType):
+    """The modules `ddpo.train` and `ddpo.evaluate`, callable as the API functions of the same names."""
+
+    def __call__(self, *args, **kwargs):
+        from . import api
+
+        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
 class _Package(types.ModuleType):
-    """Importing the submodules `ddpo.train` / `ddpo.evaluate` must not replace the API functions of those names
-    (the import system sets a package attribute per submodule); the modules stay in `sys.modules`."""
+    """Importing the submodule `ddpo.train` (or `ddpo.evaluate`) makes it the package attribute of that name,
+    in place of the API function: the module is made callable as that function, so `ddpo.train(...)`,
+    `ddpo.train.Trainer` and `mock.patch("ddpo.train.Trainer")` all work."""
 
     def __setattr__(self, name, value):
         if name in ("train", "evaluate") and isinstance(value, types.ModuleType):
-            return
+            value.__class__ = _CallableModule
         super().__setattr__(name, value)
 
 
