@@ -98,7 +98,6 @@ def test_bad_input_is_refused_by_name(tmp_path):
     assert (config.train.epochs, config.sample.num_steps) == (2, 4)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", ["custom_reward", "custom_prompts", "weighted_rewards", "resume", "evaluate_run"])
 def test_example_runs(script, tmp_path, monkeypatch, capsys):
     """Each example as a user runs it (`python examples/NAME.py --quick`), in this process (imports are shared)."""
