@@ -182,25 +182,37 @@ def model_card_text(run: RunDirectory, config: Config, epoch: int, *, merged: bo
     )
     rows, source = _evaluation_rows(run, epoch)
     table = "\n".join(f"| {name} | {before:.4f} | {after:.4f} | {after - before:+.4f} |" for name, before, after in rows if math.isfinite(before) and math.isfinite(after))
-    first_reward = metrics[0]["reward_mean"] if metrics else None
+    first_reward = metrics[0].get("reward_mean") if metrics else None  # None for a `ddpo sft` run (no reward)
     usage = (
         "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_REPO\")  # the LoRA is fused into the UNet"
         if merged
         else "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_REPO\")  # the base model\npipe.load_lora_weights(\"PATH_OR_REPO\")  # the RL-trained LoRA"
     )
     base_line = f"[{pretrained}](https://huggingface.co/{pretrained})" if _is_hub_id(pretrained) else f"`{pretrained}` (shipped with ddpo)" if pretrained in ("shapes", "shapes-flow") else f"`{pretrained}`"
-    lines = [
-        f"# {run.path.name}: {config.train.algorithm} fine-tune of {pretrained}",
-        "",
-        f"Trained with [ddpo](https://pypi.org/project/ddpo/) by reinforcement learning against the reward `{reward}`.",
-        "",
-        f"- Base model: {base_line}" + ("" if license_ else " (license of the base model unknown: check it before sharing)"),
-        f"- Algorithm: `{config.train.algorithm}`; {'LoRA rank ' + str(config.model.lora_rank) if lora else 'all UNet weights'}"
-        + (", fused into the weights" if lora and merged else ""),
-        f"- Reward: `{reward}`; prompts: `{config.prompts.source}`" + (f" (`{config.prompts.file}`)" if config.prompts.file else ""),
-        f"- Checkpoint: epoch {epoch} of {config.train.epochs}; reward queries: {last.get('samples', 0)}",
-        f"- Sampling: {config.sample.num_steps} steps, eta {config.sample.eta}, guidance {config.sample.guidance_scale}, {config.sample.width}x{config.sample.height}",
-    ]
+    sft = json.loads((run.path / "sft.json").read_text()) if (run.path / "sft.json").is_file() else None
+    adapter = "LoRA rank " + str(config.model.lora_rank) if lora else "all UNet weights"
+    if sft is None:
+        lines = [
+            f"# {run.path.name}: {config.train.algorithm} fine-tune of {pretrained}",
+            "",
+            f"Trained with [ddpo](https://pypi.org/project/ddpo/) by reinforcement learning against the reward `{reward}`.",
+            "",
+            f"- Base model: {base_line}" + ("" if license_ else " (license of the base model unknown: check it before sharing)"),
+            f"- Algorithm: `{config.train.algorithm}`; {adapter}" + (", fused into the weights" if lora and merged else ""),
+            f"- Reward: `{reward}`; prompts: `{config.prompts.source}`" + (f" (`{config.prompts.file}`)" if config.prompts.file else ""),
+            f"- Checkpoint: epoch {epoch} of {config.train.epochs}; reward queries: {last.get('samples', 0)}",
+            f"- Sampling: {config.sample.num_steps} steps, eta {config.sample.eta}, guidance {config.sample.guidance_scale}, {config.sample.width}x{config.sample.height}",
+        ]
+    else:
+        lines = [
+            f"# {run.path.name}: supervised fine-tune of {pretrained}",
+            "",
+            "Trained with [ddpo](https://pypi.org/project/ddpo/) by supervised fine-tuning on demonstrations (`ddpo sft`).",
+            "",
+            f"- Base model: {base_line}" + ("" if license_ else " (license of the base model unknown: check it before sharing)"),
+            f"- Method: the model's own denoising loss on image-caption pairs; {adapter}" + (", fused into the weights" if lora and merged else ""),
+            f"- Data: `{sft.get('data')}`; checkpoint: epoch {epoch} of {sft.get('epochs')}, {last.get('samples', 0)} images seen (batch {sft.get('batch_size')}, lr {sft.get('lr')})",
+        ]
     if first_reward is not None:
         lines.append(f"- Training reward (batch mean): {first_reward:.4f} in epoch 1, {last['reward_mean']:.4f} in epoch {last['epoch']}")
     lines += ["", "## Evaluation", "", f"Before and after, measured by {source}." if rows else "No before/after evaluation recorded: run `ddpo eval RUN_DIR` before exporting to add one.", ""]
