@@ -72,6 +72,17 @@ def test_sft_writes_the_run_directory_of_ddpo_train(sft_run):
     assert any(not torch.equal(first[k], last[k]) for k in first)
 
 
+def test_an_sft_run_exports_with_a_card_that_says_sft(sft_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    result = CliRunner().invoke(main, ["export", str(sft_run), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    card = ModelCard.load(tmp_path / "exported" / "README.md")
+    assert "supervised fine-tuning on demonstrations" in card.text and "epoch 3 of 3, 24 images seen" in card.text
+    assert "reinforcement learning" not in card.text.split("## Training config")[0]
+    assert "sft" in card.data.tags and "reinforcement-learning" not in card.data.tags
+
+
 def test_sft_resumes_exactly(sft_run, demonstrations, tiny_pipeline_dir, tmp_path):
     partial = tmp_path / "partial"
     assert _sft([str(demonstrations), "--out", str(partial), "--epochs", "1", "--batch-size", "4", "--lr", "1e-2", *_model_args(tiny_pipeline_dir)]).exit_code == 0

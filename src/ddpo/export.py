@@ -172,11 +172,12 @@ def model_card_text(run: RunDirectory, config: Config, epoch: int, *, merged: bo
     last = metrics[-1] if metrics else {}
     reward = config.reward.name if not config.reward.terms else " + ".join(f"{t['weight']} x {t['name']}" for t in config.reward.terms)
     pretrained = config.model.pretrained
+    is_sft = (run.path / "sft.json").is_file()
     license_ = _base_license(pretrained)
     data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=[*CARD_TAGS, config.train.algorithm.replace("_", "-"), *(["lora"] if lora else [])],
+        tags=(["diffusers", "text-to-image", "ddpo", "sft"] if is_sft else [*CARD_TAGS, config.train.algorithm.replace("_", "-")]) + (["lora"] if lora else []),
         base_model=pretrained if _is_hub_id(pretrained) else None,
         license=license_ or "other",
     )
@@ -189,7 +190,7 @@ def model_card_text(run: RunDirectory, config: Config, epoch: int, *, merged: bo
         else "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_REPO\")  # the base model\npipe.load_lora_weights(\"PATH_OR_REPO\")  # the RL-trained LoRA"
     )
     base_line = f"[{pretrained}](https://huggingface.co/{pretrained})" if _is_hub_id(pretrained) else f"`{pretrained}` (shipped with ddpo)" if pretrained in ("shapes", "shapes-flow") else f"`{pretrained}`"
-    sft = json.loads((run.path / "sft.json").read_text()) if (run.path / "sft.json").is_file() else None
+    sft = json.loads((run.path / "sft.json").read_text()) if is_sft else None
     adapter = "LoRA rank " + str(config.model.lora_rank) if lora else "all UNet weights"
     if sft is None:
         lines = [
