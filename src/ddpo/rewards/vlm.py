@@ -106,7 +106,7 @@ def vlm_caption_bertscore(
     Args:
         model: image-text-to-text checkpoint (hub id or directory), e.g. an llava-hf model.
         bertscore_model: BERTScore encoder (local directory or cached hub id); None is the bundled
-            all-MiniLM-L6-v2 (`ddpo[shapes]`). The paper's LLaVA server used microsoft/deberta-xlarge-mnli
+            all-MiniLM-L6-v2 (a dependency of ddpo). The paper's LLaVA server used microsoft/deberta-xlarge-mnli
             (bert-score's choice, with `bertscore_layers=40`).
         bertscore_layers: hidden layer of the encoder; None is its last.
         question: what the VLM is asked about each image.
