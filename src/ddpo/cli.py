@@ -133,6 +133,28 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+@main.command()
+@click.option("--config", "config_path", metavar="FILE.toml|PRESET", help=f"Config file or preset name (default: {DEFAULT_PRESET}).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks and the forecast as JSON.")
+def doctor(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check that a run would train on-policy here, and forecast its time: builds what `ddpo train` builds
+    (same config, model, precision, reward), samples one batch and measures. Exit status 1 when a check fails."""
+    import json
+
+    _quiet_libraries()
+    from .config import load_config
+    from .doctor import run_doctor
+
+    try:
+        report = run_doctor(load_config(config_path or DEFAULT_PRESET, overrides))
+    except _user_errors() as error:
+        raise UserError(str(error).strip('"')) from error
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())
+    if report.failed:
+        sys.exit(1)
+
+
 def _run_config(path: str | None):
     """The config of the run a --lora/target path belongs to (RUN_DIR or RUN_DIR/checkpoints/epoch-NNNN), or None."""
     from .config import load_config

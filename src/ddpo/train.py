@@ -315,7 +315,7 @@ class Trainer:
                         log_prob, old_log_prob = self.algorithm.log_likelihoods(prediction, part, rows, columns)
                         output = self.algorithm.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), part_advantages.repeat_interleave(width))
                         if check_ratios:
-                            ratio_error = (log_prob.detach().float() - old_log_prob.float()).exp().sub(1).abs().max()
+                            ratio_error = (log_prob.detach().double() - old_log_prob.double()).expm1().abs().max().float()
                             first_step_ratio_error = torch.maximum(first_step_ratio_error, ratio_error)
                         loss = output.loss
                         if kl_weight > 0:  # KL to the reference model (adapters off), in the algorithm's own terms
