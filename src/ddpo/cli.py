@@ -29,12 +29,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .policy import PolicyLoadError
     from .prompts import PromptSourceError
     from .rewards import RewardError
+    from .rewards.remote import RemoteRewardError
     from .run_directory import RunDirectoryError
     from .train import OffPolicyError
 
     # FloatingPointError: training stopped on a non-finite loss before the update reached the weights.
-    # UnicodeDecodeError: a prompt (or other text) file that is not UTF-8.
-    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError, FloatingPointError, OffPolicyError, UnicodeDecodeError)
+    # RemoteRewardError: a reward server that stopped answering during the run (at start-up it is a ConfigError).
+    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError, FloatingPointError, OffPolicyError, RemoteRewardError)
 
 
 def _quiet_libraries() -> None:

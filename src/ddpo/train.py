@@ -33,6 +33,7 @@ from .policy import SDE_WINDOW_START, DiffusersPolicy, Trajectory, build_policy
 from .preemption import Preempted, PreemptionWatch
 from .prompts import build_prompt_source
 from .rewards import RewardError, RewardOutput, build_reward_from_config
+from .rewards.remote import RemoteRewardError
 from .sharding import CheckpointState, build_accelerator, check_and_configure, gather_checkpoint_state, is_fsdp, load_checkpoint_state
 from .run_directory import TRAINER_STATE, RunDirectory, RunDirectoryError, append_jsonl, epoch_name, read_jsonl, write_text_atomic
 from .utils import derive_seed, generators_for, image_grid
@@ -91,7 +92,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA's random init: the same on every rank and run
             self.policy: DiffusersPolicy = build_policy(config, device, inference_dtype=inference_dtype, sampler=self.algorithm.sampler)
-        self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
+        try:
+            self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
+        except (ValueError, RemoteRewardError) as error:  # a plugin that does not import, a server that does not answer
+            key = "reward.url" if config.reward.url else "reward.terms" if config.reward.terms else "reward.name"
+            raise ConfigError(f"{key}: {error}") from error
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
         self.anchor_source = build_prompt_source(config.prompts.anchor_source) if config.prompts.anchor_source else None
         self.monitor = Monitor(config, self.reward)  # the evaluation prompts and the held-out scorer
