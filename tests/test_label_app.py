@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import ChromiumPage, find_chromium
+from browser import ChromiumPage, require_chromium
 from ddpo.preference.store import LabelStore
 from ddpo.toyworld.labeller import rendered_pairs
 
@@ -86,10 +86,7 @@ def request(url: str, *, token: str | None = None, scheme: str = "Bearer", body:
 
 @pytest.fixture
 def chromium():
-    path = find_chromium()
-    if path is None:
-        pytest.skip("Chromium is not installed (`make test` runs `apt-get install -y chromium`)")
-    return path
+    return require_chromium("Chromium is not installed (`make test` runs `apt-get install -y chromium`)")
 
 
 @pytest.fixture
@@ -187,8 +184,9 @@ def test_requests_without_a_valid_token_are_refused(store_with_pairs, chromium):
 
 
 def test_the_app_binds_loopback_by_default_and_serves_no_inline_script(store_with_pairs):
-    from ddpo.server.label_app import DEFAULT_HOST, SECURITY_HEADERS, _static
+    from ddpo.cli import label_serve
+    from ddpo.server.label_app import SECURITY_HEADERS, _static
 
-    assert DEFAULT_HOST == "127.0.0.1"
+    assert {param.name: param.default for param in label_serve.params}["host"] == "127.0.0.1"  # the command's own default
     assert "script-src 'self'" in SECURITY_HEADERS["Content-Security-Policy"]
     assert "<script>" not in _static("label.html") and "innerHTML" not in _static("label.js")

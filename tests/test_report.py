@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from browser import find_chromium, inspect_page
+from browser import inspect_page, require_chromium
 from click.testing import CliRunner
 from helpers import cli_args
 
@@ -24,10 +24,7 @@ NUM_CHARTS = 8
 
 @pytest.fixture(scope="session")
 def chromium():
-    path = find_chromium()
-    if path is None:
-        pytest.skip("Chromium is not installed and could not be (`make test` runs `apt-get install -y chromium`)")
-    return path
+    return require_chromium("Chromium is not installed (`make test` runs `apt-get install -y chromium`)")
 
 
 @pytest.fixture(scope="module")
