@@ -25,7 +25,9 @@ from ddpo.toyworld.labeller import rendered_pairs
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Screenshots for people to look at, kept only where DDPO_TEST_ARTIFACTS names a folder (CI): tests write only under
+# their temporary directories otherwise.
+ARTIFACTS = Path(os.environ["DDPO_TEST_ARTIFACTS"]) if os.environ.get("DDPO_TEST_ARTIFACTS") else None
 SCRIPT_PROMPT = "<script>alert(1)</script>"
 KEYS = ["1", "2", "t", "s"]  # first, second, tie, skip
 CHOICE_OF_KEY = {"1": "1", "2": "2", "t": "tie", "s": "skip"}
@@ -155,8 +157,9 @@ def test_labels_made_by_keyboard_in_chromium_survive_a_killed_server(store_with_
             assert store.next_pair("alice").id not in expected
     finally:
         server.stop()
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "label-app.png", ARTIFACTS / "label-app.png")
+    if ARTIFACTS is not None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "label-app.png", ARTIFACTS / "label-app.png")
 
 
 def test_requests_without_a_valid_token_are_refused(store_with_pairs, chromium):
