@@ -51,7 +51,7 @@ def test_two_processes_train_the_same_weights_as_one(algorithm, tiny_sd3_dir, tm
     assert two.keys() == one.keys() and len(one) == 16
     assert all(two[k]["prompt"] == one[k]["prompt"] for k in one)
     # Not 1e-5 as for the DDIM pipeline: the tiny SD3 transformer's samples differ in the last bits between a batch of
-    # 2 and one of 4 (measured: advantages 1.3e-3 apart at most, Flow-GRPO); statistics taken per rank instead of
+    # 2 and one of 4 under guidance (measured: Flow-GRPO's advantages 1.3e-3 apart at most, FDFO's, unguided, 6.6e-7); statistics taken per rank instead of
     # over the gathered global batch would move them by O(1).
     assert max(abs(two[k]["advantage"] - one[k]["advantage"]) for k in one) < 5e-3
     assert len({round(one[k]["advantage"], 6) for k in one}) > 2  # the advantages are not all alike
@@ -59,4 +59,4 @@ def test_two_processes_train_the_same_weights_as_one(algorithm, tiny_sd3_dir, tm
     single = load_file(tmp_path / "one" / "lora-rank0.safetensors")
     assert all((rank0[k] == rank1[k]).all() for k in rank0)
     assert max(v.abs().max().item() for k, v in single.items() if "lora_B" in k) > 0  # it trained
-    assert max((rank0[k] - single[k]).abs().max().item() for k in single) <= 5e-4  # measured 4.8e-5 (Flow-GRPO)
+    assert max((rank0[k] - single[k]).abs().max().item() for k in single) <= 5e-4  # measured 4.8e-5 (Flow-GRPO), 2.2e-6 (FDFO)
