@@ -223,3 +223,45 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
     resumed = CliRunner().invoke(main, ["train", "--resume", str(out), "--no-progress"])  # the previous one loads
     assert resumed.exit_code == 0, resumed.output
     assert [epoch for epoch, _ in run.checkpoints()] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_preempted_inside_an_epoch_resume_to_the_same_end(tiny_pipeline_dir, tmp_path):
+    """Both training processes of an accelerate launch get SIGTERM (as under Slurm): they agree to stop after the
+    same optimizer step, one partial checkpoint holds both processes' samples, and the requeued launch ends
+    where an uninterrupted 2-process launch ends."""
+    import psutil
+    from test_distributed import accelerate_launch
+
+    values = {**RUN, "sample.batch_size": 2, "train.batch_size": 2}
+    script = tmp_path / "train_slow_steps.py"
+    script.write_text(SLOW_STEPS)
+
+    def launch(out: Path, marks: Path, *extra: str) -> subprocess.Popen:
+        args = cli_args(tiny_pipeline_dir, out, **values)
+        args[args.index("--out") : args.index("--out")] = ["--resume", "auto"]
+        return subprocess.Popen([*accelerate_launch(2), str(script), str(marks), *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    straight = launch(tmp_path / "straight", tmp_path / "straight-steps.txt")
+    _, stderr = straight.communicate(timeout=600)
+    assert straight.returncode == 0, stderr[-3000:]
+
+    out, marks = tmp_path / "run", tmp_path / "steps.txt"
+    process = launch(out, marks)
+    deadline = time.time() + 300
+    while not marks.is_file() or len(marks.read_text().split()) < 2 * 3:  # both processes took epoch 2's first step (of 2)
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, "training never reached epoch 2"
+        time.sleep(0.05)
+    for worker in psutil.Process(process.pid).children(recursive=True):
+        if "train_slow_steps.py" in " ".join(worker.cmdline()):
+            worker.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert "SIGTERM received while training" in stderr
+    run = RunDirectory(out)
+    assert [epoch for epoch, _ in run.partial_checkpoints()] == [2] and run.checkpoint_problem(out / "checkpoints" / "epoch-0002-partial") is None
+    resumed = launch(out, tmp_path / "resumed-steps.txt")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert max_difference(trained_weights(out, 2), trained_weights(tmp_path / "straight", 2)) <= 1e-6
