@@ -131,14 +131,16 @@ def test_sigterm_mid_epoch_checkpoints_exits_for_requeue_and_resume_auto_ends_eq
     assert not run.partial_checkpoints()  # superseded by epoch 2's whole checkpoint
 
 
-def test_sigterm_while_sampling_keeps_the_last_epoch_and_resume_auto_ends_equal(tiny_pipeline_dir, straight_run, tmp_path, monkeypatch):
+# policy.sample calls: the epoch-0 grid, epoch 1's two batches, the epoch-1 grid, epoch 2's two batches
+@pytest.mark.parametrize(("signal_at_call", "kept_epoch"), [(2, 0), (5, 1)], ids=["epoch 1 (weights before training)", "epoch 2"])
+def test_sigterm_while_sampling_keeps_the_last_epoch_and_resume_auto_ends_equal(tiny_pipeline_dir, straight_run, tmp_path, monkeypatch, signal_at_call, kept_epoch):
     from ddpo.policy.stable_diffusion import StableDiffusionPolicy
 
     original, calls = StableDiffusionPolicy.sample, []
 
     def signalling_sample(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:  # grid 0, epoch 1's two batches, grid 1, then epoch 2's first batch
+        if len(calls) == signal_at_call:  # the first batch of an epoch: the signal arrives before its second
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args, **kwargs)
 
@@ -149,7 +151,7 @@ def test_sigterm_while_sampling_keeps_the_last_epoch_and_resume_auto_ends_equal(
     stopped = CliRunner().invoke(main, args)
     assert stopped.exit_code == REQUEUE_EXIT_STATUS, stopped.output
     assert "SIGTERM received while sampling" in stopped.output
-    assert [epoch for epoch, _ in RunDirectory(out).checkpoints()] == [1] and not RunDirectory(out).partial_checkpoints()
+    assert [epoch for epoch, _ in RunDirectory(out).checkpoints()][-1:] == [kept_epoch] and not RunDirectory(out).partial_checkpoints()
     monkeypatch.setattr(StableDiffusionPolicy, "sample", original)
     # The requeued command line must be the run's own: --resume auto refuses a changed config key.
     changed = run_cli([*args, "--set", "train.lr=0.5"])
@@ -157,6 +159,9 @@ def test_sigterm_while_sampling_keeps_the_last_epoch_and_resume_auto_ends_equal(
     resumed = run_cli(args)
     assert resumed.exit_code == 0, resumed.output
     assert max_difference(trained_weights(out, 2), trained_weights(straight_run, 2)) <= 1e-6
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["reward_mean"]) for r in metrics] == [(r["epoch"], pytest.approx(r["reward_mean"], abs=1e-6)) for r in straight]
 
 
 def flip_bytes(path: Path, offset_fraction: float = 0.5) -> None:

@@ -110,6 +110,7 @@ class Trainer:
         self.policy.denoiser, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
         self.start_epoch = 0
         self.last_epoch = 0  # the last finished epoch
+        self.resumed = resume
         self.preemption = PreemptionWatch(announce=self.accelerator.print)
         self._partial: dict | None = None  # a preempted epoch to finish (resumed from a partial checkpoint)
         self._damaged: list[Path] = []  # damaged checkpoints the resume skipped, set aside once every process loaded
@@ -137,7 +138,7 @@ class Trainer:
     def run(self) -> Path:
         self.describe()
         self.last_epoch = self.start_epoch
-        if self.start_epoch == 0:
+        if self.start_epoch == 0 and not self.resumed:  # a run resumed from epoch-0000 (preempted in epoch 1) has them
             self.save_sample_grid(0)
             if self.monitor.due(0):
                 self.evaluate(0)  # the baseline: the model before training
@@ -629,6 +630,8 @@ class Trainer:
                 try:
                     self._load_checkpoint(directory)
                     break
+                except RunDirectoryError:  # whole, but not resumable by this launch: say so, do not fall back
+                    raise
                 except Exception as error:  # noqa: BLE001 - any file that does not load makes the checkpoint damaged
                     problem = f"it does not load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
             problems.append((directory, problem))
@@ -649,7 +652,6 @@ class Trainer:
                 )
             shares = torch.load(directory / EPOCH_SAMPLES, map_location="cpu", weights_only=True)
             samples, advantages = _epoch_samples_from_state(shares[self.accelerator.process_index], self.accelerator.device)
-            self._partial = {**partial, "samples": samples, "advantages": advantages}
         layout = state.get("optimizer_layout", "torch")
         optimizer_state = state["optimizer"]
         if layout == "deepspeed-zero":  # ZeRO's state holds objects (its loss scaler) that only a full unpickle restores
@@ -660,6 +662,7 @@ class Trainer:
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.start_epoch = epoch = state["epoch"]
+        self._partial = {**partial, "samples": samples, "advantages": advantages} if partial is not None else None
         self.monitor.restore([r for r in read_jsonl(self.run_dir.monitor_path, tolerant=True) if r["epoch"] <= self.start_epoch])
         if self.accelerator.is_main_process:
             self.run_dir.truncate_metrics(self.start_epoch)
