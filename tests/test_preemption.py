@@ -270,3 +270,18 @@ def test_two_processes_preempted_inside_an_epoch_resume_to_the_same_end(tiny_pip
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
     assert max_difference(trained_weights(out, 2), trained_weights(tmp_path / "straight", 2)) <= 1e-6
+
+
+def test_resume_auto_starts_over_a_run_killed_before_its_first_checkpoint(tiny_pipeline_dir, straight_run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text("seed = 1\n")  # what SIGKILL leaves before the first checkpoint
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "reward_mean": 9.0}\n')
+    args = cli_args(tiny_pipeline_dir, out, **RUN)
+    args[args.index("--out") : args.index("--out")] = ["--resume", "auto"]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert "resuming" not in result.output
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert max_difference(trained_weights(out, 2), trained_weights(straight_run, 2)) <= 1e-6
+    assert "--resume auto needs --out" in run_cli(["train", "--resume", "auto", "--no-progress"]).output
