@@ -74,6 +74,19 @@ def find_chromium() -> str | None:
     return None
 
 
+def require_chromium(reason: str) -> str:
+    """Chromium's path; without it the browser test is skipped, except in CI (the `CI` environment variable
+    set), where a missing browser fails the test: CI must not pass with its browser tests skipped."""
+    import pytest
+
+    path = find_chromium()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and Chromium is missing: install it (`make chromium`) so the browser tests run ({reason})")
+        pytest.skip(reason)
+    return path
+
+
 class _Pipe:
     """The DevTools protocol over a pipe: send commands, collect events."""
 

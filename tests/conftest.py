@@ -26,3 +26,24 @@ def fresh_accelerator_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+_IGNORED = {"__pycache__", ".pytest_cache", ".coverage", ".hypothesis"}
+
+
+def _checkout_entries() -> set[str]:
+    """Names directly inside the checkout and inside tests/ (what a test writing outside its tmp_path would add)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return {f"{folder.name}/{child.name}" for folder in (root, root / "tests") for child in folder.iterdir() if child.name not in _IGNORED}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_only_under_temporary_directories():
+    """Fails the session's last test when the suite left a new file or folder in the checkout (runs/,
+    test-artifacts/, ...): tests write under their tmp_path, the CLI's defaults included."""
+    before = _checkout_entries()
+    yield
+    added = sorted(_checkout_entries() - before)
+    assert not added, f"tests wrote into the checkout: {added}"

@@ -14,7 +14,7 @@ from ddpo.config import load_config
 from ddpo.train import Trainer
 
 
-def main(model_dir: str, prompt_file: str, out: str, batch_size: int) -> None:
+def main(model_dir: str, prompt_file: str, out: str, batch_size: int, extra: dict | None = None) -> None:
     overrides = tiny_overrides(
         model_dir,
         **{
@@ -28,6 +28,7 @@ def main(model_dir: str, prompt_file: str, out: str, batch_size: int) -> None:
             # (float rounding of a sum taken in another order) would jump by +-lr; an epsilon above that noise keeps
             # the comparison of 1- and 2-process weights about the gradients, not about rounding.
             "train.adam_epsilon": 1e-4,
+            **(extra or {}),  # e.g. another algorithm (tests/test_distributed_flow.py)
         },
     )
     config = load_config("sd_compressibility", overrides)
@@ -50,4 +51,4 @@ def main(model_dir: str, prompt_file: str, out: str, batch_size: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]) if len(sys.argv) > 5 else None)

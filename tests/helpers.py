@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it): tests never collide on a fixed port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 def tiny_overrides(model_dir, **extra) -> list[str]:
     """`--set` overrides for a small, fast run of the sd_compressibility preset on the tiny pipeline."""
     values = {

@@ -56,6 +56,7 @@ def _sample(model_dir, out, lora=None) -> np.ndarray:
     return np.asarray(Image.open(out), dtype=float)
 
 
+@pytest.mark.slow  # measured 157-201 s here (2 shared cores): `make test-fast` leaves it out
 def test_anchors_are_never_scored_and_their_kl_holds_their_prompts_near_the_base_model(tiny_pipeline_dir, tmp_path):
     """The same run with a negligible and a large anchor weight: the anchors' prompts are never sent to the
     reward, the reward queries counted are the scored samples only, and the large weight keeps the anchors' KL

@@ -129,3 +129,22 @@ def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights(tiny_pip
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     weights = load_file(out / "checkpoints" / "epoch-0001" / "trainable.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.parametrize("case", ["prompt file not UTF-8", "reward plugin that does not import", "reward server not answering"])
+def test_bad_input_that_used_to_escape_as_a_traceback(tiny_pipeline_dir, tmp_path, case):
+    from helpers import free_port
+
+    out = tmp_path / "run"
+    if case == "prompt file not UTF-8":
+        latin1 = tmp_path / "prompts.txt"
+        latin1.write_bytes("a cat\na caf\u00e9 dog\n".encode("latin-1"))
+        overrides, fragments = ['prompts.source="file"', f'prompts.file="{latin1}"'], ["prompts.file", "prompts.txt", "is not UTF-8", "line 2"]
+    elif case == "reward plugin that does not import":
+        overrides, fragments = ['reward.name="nosuchmodule:fn"'], ["reward.name", "cannot import module 'nosuchmodule'"]
+    else:
+        url = f"http://127.0.0.1:{free_port()}"  # free now: nothing answers there
+        overrides, fragments = [f'reward.url="{url}"'], ["reward.url", url, "not answering"]
+    result = run([*cli_args(tiny_pipeline_dir, out), *(arg for o in overrides for arg in ("--set", o))])
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -20,9 +21,9 @@ CPU_CONFIG = Path(__file__).parents[1] / "src" / "ddpo" / "configs" / "accelerat
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 
 
-def accelerate_launch(num_processes: int, port: int = 29533) -> list[str]:
+def accelerate_launch(num_processes: int, port: int | None = None) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-            "--num_processes", str(num_processes), "--main_process_port", str(port)]  # fmt: skip
+            "--num_processes", str(num_processes), "--main_process_port", str(port or free_port())]  # fmt: skip
 
 
 def launch(num_processes: int, model_dir, prompt_file, out: Path, batch_size: int) -> None:
@@ -83,8 +84,35 @@ def test_a_reward_failing_on_one_rank_stops_both_instead_of_hanging(tiny_pipelin
     out = tmp_path / "run"
     args = cli_args(tiny_pipeline_dir, out, **{"sample.num_steps": 2, "sample.batch_size": 2, "train.batch_size": 2, "reward.name": '"helpers:raising_on_rank_one"'})
     # Without agreement, rank 0 would wait in the reward gather until the timeout.
-    result = subprocess.run([*accelerate_launch(2, port=29534), "-m", "ddpo.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*accelerate_launch(2), "-m", "ddpo.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "helpers:raising_on_rank_one" in result.stderr and "rank 1 scorer is offline" in result.stderr
     assert "failed on another process" in result.stderr  # rank 0's own message
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+
+
+def test_two_machines_of_one_process_each_train_the_same_weights_as_one_process(runs, tiny_pipeline_dir, tmp_path):
+    """2 "machines" x 1 process, rendezvous on 127.0.0.1 (docs/scaling.md section 2's launch, both ends here)."""
+    prompt_file = runs / "prompts.txt"
+    out = tmp_path / "machines"
+    out.mkdir()
+    port = free_port()
+    machines = [
+        subprocess.Popen([*accelerate_launch(2, port), "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                          str(WORKER), str(tiny_pipeline_dir), str(prompt_file), str(out), "2"],
+                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for machine in machines:
+        _, stderr = machine.communicate(timeout=900)
+        assert machine.returncode == 0, stderr[-4000:]
+    rank0, rank1 = load_file(out / "lora-rank0.safetensors"), load_file(out / "lora-rank1.safetensors")
+    assert all((rank0[k] == rank1[k]).all() for k in rank0)
+    one = load_file(runs / "one" / "lora-rank0.safetensors")
+    assert rank0.keys() == one.keys()
+    assert max((rank0[k] - one[k]).abs().max().item() for k in one) <= 1e-5
+    # The same global samples on both machines as in the 1-process run, with the same advantages.
+    two = {**json.loads((out / "advantages-rank0.json").read_text()), **json.loads((out / "advantages-rank1.json").read_text())}
+    single = json.loads((runs / "one" / "advantages-rank0.json").read_text())
+    assert two.keys() == single.keys()
+    assert max(abs(two[k]["advantage"] - single[k]["advantage"]) for k in single) < 1e-5

@@ -57,7 +57,8 @@ def test_one_epoch_runs_and_saves_a_lora_the_diffusers_pipeline_loads(tiny_flow_
     assert record["epoch"] == 1 and record["samples"] == 8
     assert all(np.isfinite(record[key]) for key in ("reward_mean", "loss", "approx_kl", "grad_norm"))
     if algorithm == "flow_grpo":
-        assert record["kl_to_reference"] >= 0
+        # The policy moved away from the reference after the first optimizer step: its KL is positive, and small.
+        assert 0 < record["kl_to_reference"] < 1
     checkpoint = run / "checkpoints" / "epoch-0001"
     assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()
 

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from browser import ChromiumPage, find_chromium
+from browser import ChromiumPage, require_chromium
 from ddpo.preference.store import LabelStore
 from ddpo.toyworld.labeller import rendered_pairs
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Screenshots for people to look at, kept only where DDPO_TEST_ARTIFACTS names a folder (CI): tests write only under
+# their temporary directories otherwise.
+ARTIFACTS = Path(os.environ["DDPO_TEST_ARTIFACTS"]) if os.environ.get("DDPO_TEST_ARTIFACTS") else None
 SCRIPT_PROMPT = "<script>alert(1)</script>"
 KEYS = ["1", "2", "t", "s"]  # first, second, tie, skip
 CHOICE_OF_KEY = {"1": "1", "2": "2", "t": "tie", "s": "skip"}
@@ -86,10 +88,7 @@ def request(url: str, *, token: str | None = None, scheme: str = "Bearer", body:
 
 @pytest.fixture
 def chromium():
-    path = find_chromium()
-    if path is None:
-        pytest.skip("Chromium is not installed (`make test` runs `apt-get install -y chromium`)")
-    return path
+    return require_chromium("Chromium is not installed (`make test` runs `apt-get install -y chromium`)")
 
 
 @pytest.fixture
@@ -158,8 +157,9 @@ def test_labels_made_by_keyboard_in_chromium_survive_a_killed_server(store_with_
             assert store.next_pair("alice").id not in expected
     finally:
         server.stop()
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "label-app.png", ARTIFACTS / "label-app.png")
+    if ARTIFACTS is not None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "label-app.png", ARTIFACTS / "label-app.png")
 
 
 def test_requests_without_a_valid_token_are_refused(store_with_pairs, chromium):
@@ -187,8 +187,9 @@ def test_requests_without_a_valid_token_are_refused(store_with_pairs, chromium):
 
 
 def test_the_app_binds_loopback_by_default_and_serves_no_inline_script(store_with_pairs):
-    from ddpo.server.label_app import DEFAULT_HOST, SECURITY_HEADERS, _static
+    from ddpo.cli import label_serve
+    from ddpo.server.label_app import SECURITY_HEADERS, _static
 
-    assert DEFAULT_HOST == "127.0.0.1"
+    assert {param.name: param.default for param in label_serve.params}["host"] == "127.0.0.1"  # the command's own default
     assert "script-src 'self'" in SECURITY_HEADERS["Content-Security-Policy"]
     assert "<script>" not in _static("label.html") and "innerHTML" not in _static("label.js")

@@ -90,6 +90,7 @@ def test_overoptimization_is_flagged_where_the_heldout_score_peaks_while_the_rew
     assert overoptimization(records([0.2, 0.8, 0.5], [0.1, 0.5, 0.4])) is None  # both fell: not the reward gamed
 
 
+@pytest.mark.slow  # measured 157-201 s here (2 shared cores): `make test-fast` leaves it out
 def test_early_stop_keeps_the_heldout_best_checkpoint(tiny_pipeline_dir, tmp_path):
     """A held-out scorer we script peaks at epoch 2; patience 2 stops after epoch 4, and epoch 2's checkpoint
     is kept (though keep_last=1 and save_every=100 would not keep it) and is what sample and eval pick."""

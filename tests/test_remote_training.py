@@ -63,6 +63,7 @@ def shapes_args(out: Path, **extra) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # measured 157-201 s here (2 shared cores): `make test-fast` leaves it out
 def test_shapes_run_with_the_reward_over_http_equals_the_in_process_run(tmp_path):
     from reward_server_helpers import running_server
 

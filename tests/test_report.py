@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-from browser import find_chromium, inspect_page
+from browser import inspect_page, require_chromium
 from click.testing import CliRunner
 from helpers import cli_args
 
@@ -16,7 +17,9 @@ from ddpo.cli import main
 from ddpo.config import load_config, save_config
 from ddpo.run_directory import RunDirectory
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Screenshots for people to look at, kept only where DDPO_TEST_ARTIFACTS names a folder (CI): tests write only under
+# their temporary directories otherwise.
+ARTIFACTS = Path(os.environ["DDPO_TEST_ARTIFACTS"]) if os.environ.get("DDPO_TEST_ARTIFACTS") else None
 GRID_PROMPTS = ["a cat", "a dog"]
 # Figures of a report with evaluations: reward; loss, approx_kl, clipfrac; training reward, held-out score, KL, diversity.
 NUM_CHARTS = 8
@@ -24,10 +27,7 @@ NUM_CHARTS = 8
 
 @pytest.fixture(scope="session")
 def chromium():
-    path = find_chromium()
-    if path is None:
-        pytest.skip("Chromium is not installed and could not be (`make test` runs `apt-get install -y chromium`)")
-    return path
+    return require_chromium("Chromium is not installed (`make test` runs `apt-get install -y chromium`)")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,9 @@ def reported_run(tiny_pipeline_dir, tmp_path_factory):
 
 
 def save_artifact(path: Path, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(path, ARTIFACTS / name)
+    if ARTIFACTS is not None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, ARTIFACTS / name)
 
 
 def assert_renders_cleanly(findings) -> None:

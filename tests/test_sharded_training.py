@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import cli_args
+from helpers import cli_args, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 CONFIG_DIR = Path(__file__).parents[1] / "src" / "ddpo" / "configs" / "accelerate"
@@ -106,7 +106,7 @@ def test_fsdp_full_fine_tune_checkpoints_whole_weights_and_resumes_like_one_proc
     from diffusers import UNet2DConditionModel
 
     one = reference_run(tiny_pipeline_dir, prompt_file, tmp_path / "one", use_lora=False)
-    resumed, straight = sharded_runs(tiny_pipeline_dir, prompt_file, tmp_path, use_lora=False, launch_config="fsdp_cpu_2proc.yaml", port=29541)
+    resumed, straight = sharded_runs(tiny_pipeline_dir, prompt_file, tmp_path, use_lora=False, launch_config="fsdp_cpu_2proc.yaml", port=free_port())
     expected = load_file(checkpoint(one, 1) / "trainable.safetensors")
     assert len(expected) > 100  # every UNet weight trains
     assert_same_tensors(load_file(checkpoint(resumed, 1) / "trainable.safetensors"), expected)
@@ -131,7 +131,7 @@ def test_fsdp_refuses_lora(tiny_pipeline_dir, prompt_file, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install deepspeed)")
 def test_deepspeed_zero2_lora_trains_and_resumes_like_one_process(tiny_pipeline_dir, prompt_file, tmp_path):
     one = reference_run(tiny_pipeline_dir, prompt_file, tmp_path / "one", use_lora=True)
-    resumed, straight = sharded_runs(tiny_pipeline_dir, prompt_file, tmp_path, use_lora=True, launch_config="deepspeed_zero2_cpu_2proc.yaml", port=29542)
+    resumed, straight = sharded_runs(tiny_pipeline_dir, prompt_file, tmp_path, use_lora=True, launch_config="deepspeed_zero2_cpu_2proc.yaml", port=free_port())
     assert_same_tensors(load_file(checkpoint(resumed, 1) / "trainable.safetensors"), load_file(checkpoint(one, 1) / "trainable.safetensors"))
     assert (checkpoint(resumed, 1) / "deepspeed_optimizer.pt").is_file()  # ZeRO's partitioned optimizer state
     assert_same_tensors(load_file(checkpoint(resumed, 2) / "trainable.safetensors"), load_file(checkpoint(straight, 2) / "trainable.safetensors"), tolerance=0)

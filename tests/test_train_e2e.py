@@ -50,12 +50,17 @@ def test_train_writes_the_run_directory_of_the_design(two_epoch_run):
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(run / "tb") for name in files)
 
 
-def test_the_resolved_config_reproduces_the_run(two_epoch_run):
+def test_the_resolved_config_reproduces_the_run(two_epoch_run, tiny_pipeline_dir):
+    from helpers import tiny_overrides
+
     from ddpo.config import config_to_dict, load_config
 
     config = load_config(two_epoch_run / "config.toml")
     assert config.train.lr == 1e-2 and config.sample.num_steps == 6
-    assert config_to_dict(load_config(two_epoch_run / "config.toml")) == config_to_dict(config)
+    # The saved config is the preset with the command line's overrides applied, every key resolved.
+    requested = load_config("sd_compressibility", tiny_overrides(tiny_pipeline_dir, **{"train.lr": 1e-2, "log.with": '["tensorboard"]'}))
+    assert config_to_dict(config) == config_to_dict(requested)
+    assert config_to_dict(config) != config_to_dict(load_config("sd_compressibility"))  # the overrides are in it
 
 
 def test_lora_loads_in_diffusers_and_changes_the_output(two_epoch_run, tiny_pipeline_dir):

@@ -29,10 +29,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .policy import PolicyLoadError
     from .prompts import PromptSourceError
     from .rewards import RewardError
+    from .rewards.remote import RemoteRewardError
     from .run_directory import RunDirectoryError
+    from .train import OffPolicyError
 
     # FloatingPointError: training stopped on a non-finite loss before the update reached the weights.
-    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError, FloatingPointError)
+    # RemoteRewardError: a reward server that stopped answering during the run (at start-up it is a ConfigError).
+    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError, FloatingPointError, OffPolicyError, RemoteRewardError)
 
 
 def _quiet_libraries() -> None:
@@ -58,21 +61,30 @@ def main() -> None:
 @click.option("--config", "config_path", metavar="FILE.toml|PRESET", help=f"Config file or preset name (default: {DEFAULT_PRESET}).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key; repeatable.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to create (default: runs/<run_name or time>).")
-@click.option("--resume", type=click.Path(), help="Continue the run in this directory from its latest checkpoint.")
+@click.option("--resume", type=click.Path(), metavar="RUN_DIR|auto",
+              help="Continue the run in this directory from its latest checkpoint; 'auto' (with --out): continue --out if it holds a checkpoint, else start it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, resume: str | None, no_progress: bool) -> None:
-    """Train a policy against a reward; with no options, the embedded Shapes default."""
+    """Train a policy against a reward; with no options, the embedded Shapes default.
+
+    On SIGTERM or SIGUSR1 the run finishes its current optimizer step, writes a checkpoint and exits with
+    status 75 (requeue); `ddpo train --resume auto --out RUN_DIR ...` continues it, so one command line can be
+    requeued until the run is done."""
     _quiet_libraries()
     from .config import load_config
+    from .preemption import REQUEUE_EXIT_STATUS, Preempted
     from .run_directory import RunDirectory
     from .train import train as run_training
 
     try:
+        if resume == "auto":
+            resume = _resume_auto(config_path, overrides, out)
+            config_path = None if resume else config_path
         if resume:
-            if config_path or out:
+            if config_path or (out and Path(out) != Path(resume)):
                 raise UserError("--resume continues a run in place with its own config.toml; use --set to change keys, not --config/--out")
             run = RunDirectory.open(resume)
-            structural = [o for o in overrides if not o.strip().startswith(RESUMABLE_OVERRIDES)]
+            structural = [] if out else [o for o in overrides if not o.strip().startswith(RESUMABLE_OVERRIDES)]  # --resume auto checked them
             if structural:
                 raise UserError(f"--resume can only change {', '.join(RESUMABLE_OVERRIDES)}; {structural[0]!r} would change what the checkpoint holds")
             config = load_config(run.config_path, overrides)
@@ -81,9 +93,67 @@ def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
             config = load_config(config_path or DEFAULT_PRESET, overrides)
             run_dir = Path(out) if out else Path("runs") / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
         path = run_training(config, run_dir, resume=bool(resume), progress=not no_progress)
+    except Preempted as stopped:
+        click.echo(f"ddpo: preempted: {stopped}", err=True)
+        sys.exit(REQUEUE_EXIT_STATUS)
     except _user_errors() as error:
         raise UserError(str(error).strip('"')) from error
     click.echo(f"run directory: {path}")
+
+
+def _resume_auto(config_path: str | None, overrides: tuple[str, ...], out: str | None) -> str | None:
+    """`--resume auto --out RUN_DIR`: RUN_DIR when it holds a checkpoint (the command line's other keys must then
+    agree with its config.toml), else None (start RUN_DIR, discarding a start that never reached a checkpoint)."""
+    from .config import config_to_dict, load_config
+    from .run_directory import RunDirectory
+
+    if not out:
+        raise UserError("--resume auto needs --out RUN_DIR: the run to continue, or to start when it has no checkpoint")
+    run = RunDirectory(out)
+    if not run.config_path.is_file() or not run.resume_candidates():
+        if run.config_path.is_file():  # started, but killed before its first checkpoint: nothing to continue
+            for path in (run.config_path, run.metrics_path, run.prompt_rewards_path, run.monitor_path):
+                path.unlink(missing_ok=True)
+        return None
+    requested = config_to_dict(load_config(config_path or DEFAULT_PRESET, overrides))
+    resumable = [o for o in overrides if o.strip().startswith(RESUMABLE_OVERRIDES)]
+    stored = config_to_dict(load_config(run.config_path, resumable))
+    for key, value in _flatten(requested).items():
+        if not f"{key}=".startswith(RESUMABLE_OVERRIDES) and not key.startswith(RESUMABLE_OVERRIDES) and _flatten(stored).get(key) != value:
+            raise UserError(f"--resume auto: {out} was started with {key} = {_flatten(stored).get(key)!r}, this command line asks for {value!r}; use another --out")
+    return str(out)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in ("model", "sample", "train", "reward", "prompts", "log"):
+            flat.update(_flatten(value, f"{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@main.command()
+@click.option("--config", "config_path", metavar="FILE.toml|PRESET", help=f"Config file or preset name (default: {DEFAULT_PRESET}).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks and the forecast as JSON.")
+def doctor(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check that a run would train on-policy here, and forecast its time: builds what `ddpo train` builds
+    (same config, model, precision, reward), samples one batch and measures. Exit status 1 when a check fails."""
+    import json
+
+    _quiet_libraries()
+    from .config import load_config
+    from .doctor import run_doctor
+
+    try:
+        report = run_doctor(load_config(config_path or DEFAULT_PRESET, overrides))
+    except _user_errors() as error:
+        raise UserError(str(error).strip('"')) from error
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())
+    if report.failed:
+        sys.exit(1)
 
 
 def _run_config(path: str | None):

@@ -195,6 +195,11 @@ class TrainConfig:
     improved for `early_stop_patience` epochs; its best epoch is checkpointed and named in RUN_DIR/best.json."""
     early_stop_patience: int = 10
     """Epochs without a new best held-out score before `early_stop_on_heldout` stops the run."""
+    on_policy_check: bool = True
+    """Algorithms with an importance ratio (ddpo_is, flow_grpo): stop the run at an epoch's first optimizer step
+    when some ratio pi_theta / pi_old, which must be 1 there, is off by more than `clip_range` (log-probs
+    recomputed in another precision or by batch-dependent kernels: the run would silently train off-policy).
+    Costs nothing (the ratios are computed anyway); `ddpo doctor` checks more."""
 
 
 @dataclass

@@ -200,7 +200,12 @@ def read_prompt_lines(path: str | Path, key: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PromptSourceError(f"{key}: prompt file '{path}' does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise PromptSourceError(f"{key}: prompt file '{path}' is not UTF-8 (line {line}: byte 0x{path.read_bytes()[error.start]:02x}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PromptSourceError(f"{key}: prompt file '{path}' contains no prompts")
     return prompts

@@ -6,7 +6,10 @@
     RUN_DIR/monitor.jsonl             per evaluation (log.eval_every): held-out score, KL to the base, diversity
     RUN_DIR/samples/epoch-NNNN.png    fixed prompts x fixed seeds (epoch-0000 is the model before training)
     RUN_DIR/samples/grid.json         the grid's prompts (rows) and seeds (columns)
-    RUN_DIR/checkpoints/epoch-NNNN/   adapter weights in diffusers format + trainer state
+    RUN_DIR/checkpoints/epoch-NNNN/   adapter weights in diffusers format + trainer state + checksums.json
+    RUN_DIR/checkpoints/epoch-NNNN-partial/  written when a run is preempted inside epoch NNNN (SIGTERM/SIGUSR1):
+                                      the weights after its last optimizer step and the epoch's samples, so that
+                                      a resume finishes the epoch exactly; removed once a later whole one exists
     RUN_DIR/best.json                 the checkpoint with the best held-out score (train.early_stop_on_heldout)
     RUN_DIR/report.html               the run's report (`ddpo report`)
     RUN_DIR/tb/                       TensorBoard events
@@ -21,7 +24,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint_integrity import checkpoint_problem, write_checksums
+
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})$")
+PARTIAL_PATTERN = re.compile(r"^epoch-(\d{4,})-partial$")
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_CHOICES = ("auto", "latest", "best")
 """How a run directory names one of its checkpoints (besides an epoch number); "auto" is best, else latest."""
@@ -69,7 +75,7 @@ class RunDirectory:
             raise RunDirectoryError(f"--resume {run.path}: no such directory")
         if not run.config_path.is_file():
             raise RunDirectoryError(f"--resume {run.path}: not a ddpo run directory (no config.toml)")
-        if run.latest_checkpoint() is None:
+        if not run.resume_candidates():
             raise RunDirectoryError(f"--resume {run.path}: the run has no complete checkpoint to resume from")
         return run
 
@@ -89,19 +95,71 @@ class RunDirectory:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def write_checkpoint(self, epoch: int, write: Callable[[Path], None], keep_last: int = 0) -> Path:
-        """Write into a temporary directory, then rename: a crash leaves the previous checkpoints intact.
+    def partial_checkpoints(self) -> list[tuple[int, Path]]:
+        """Checkpoints written inside an epoch by a preempted run (epoch in progress, path), oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints_dir.iterdir():
+            match = PARTIAL_PATTERN.match(child.name)
+            if match and (child / TRAINER_STATE).is_file():
+                found.append((int(match.group(1)), child))
+        return sorted(found)
 
-        `keep_last` prunes the oldest checkpoints, never the one best.json names."""
+    def resume_candidates(self) -> list[tuple[int, Path]]:
+        """Every checkpoint a resume may start from, newest progress first: a partial checkpoint of epoch e
+        (preempted inside it) comes after the whole checkpoint of epoch e - 1 and before that of epoch e."""
+        ranked = [((epoch, 0), epoch, path) for epoch, path in self.checkpoints()]
+        ranked += [((epoch - 1, 1), epoch, path) for epoch, path in self.partial_checkpoints()]
+        return [(epoch, path) for _, epoch, path in sorted(ranked, key=lambda item: item[0], reverse=True)]
+
+    @staticmethod
+    def checkpoint_problem(path: Path) -> str | None:
+        """What is damaged in a checkpoint directory (a file missing or not matching its checksum), or None."""
+        return checkpoint_problem(path)
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint to `<name>.damaged[-k]`: kept for inspection, never loaded or overwritten."""
+        for k in range(1000):
+            target = path.with_name(f"{path.name}.damaged" + (f"-{k}" if k else ""))
+            if not target.exists():
+                os.replace(path, target)
+                return target
+        raise RunDirectoryError(f"{path}: too many damaged checkpoints set aside beside it")
+
+    def write_checkpoint(self, epoch: int, write: Callable[[Path], None], keep_last: int = 0, *, partial: bool = False) -> Path:
+        """Write into a temporary directory, record checksums, then rename: a crash or a full disk leaves the
+        previous checkpoints intact.
+
+        `keep_last` prunes the oldest checkpoints, never the one best.json names. A whole checkpoint removes the
+        partial ones it supersedes; `partial` writes `epoch-NNNN-partial` (a preempted epoch NNNN).
+
+        Raises:
+            RunDirectoryError: the checkpoint could not be written (e.g. no space left), naming its path; the
+                temporary directory is removed.
+        """
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoints_dir / epoch_name(epoch)
-        tmp = self.checkpoints_dir / f".{epoch_name(epoch)}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        write(tmp)
-        os.replace(tmp, final)
-        if keep_last > 0:
+        name = epoch_name(epoch) + ("-partial" if partial else "")
+        final = self.checkpoints_dir / name
+        tmp = self.checkpoints_dir / f".{name}.tmp-{os.getpid()}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            write(tmp)
+            write_checksums(tmp)
+            if final.exists():  # a partial checkpoint of the same epoch written by an earlier preemption
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+            raise RunDirectoryError(f"could not write checkpoint {final}: {reason}; the previous checkpoints are untouched") from error
+        if not partial:
+            for old_epoch, old in self.partial_checkpoints():
+                if old_epoch <= epoch:
+                    shutil.rmtree(old, ignore_errors=True)
+        if keep_last > 0 and not partial:
             best = self.best_epoch()
             for old_epoch, old in self.checkpoints()[:-keep_last]:
                 if old_epoch == best:

@@ -7,6 +7,7 @@ A resumed run therefore replays exactly the draws the uninterrupted run would ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -29,14 +30,21 @@ from .algorithms import build_algorithm_from_config
 from .config import Config, ConfigError, config_to_dict, derived_batch_sizes, save_config, validate
 from .monitor import EARLY_STOP_METRIC, Monitor, tracker_metrics
 from .policy import SDE_WINDOW_START, DiffusersPolicy, Trajectory, build_policy
+from .preemption import Preempted, PreemptionWatch
 from .prompts import build_prompt_source
 from .rewards import RewardError, RewardOutput, build_reward_from_config
+from .rewards.remote import RemoteRewardError
 from .sharding import CheckpointState, build_accelerator, check_and_configure, gather_checkpoint_state, is_fsdp, load_checkpoint_state
-from .run_directory import TRAINER_STATE, RunDirectory, append_jsonl, epoch_name, read_jsonl, write_text_atomic
+from .run_directory import TRAINER_STATE, RunDirectory, RunDirectoryError, append_jsonl, epoch_name, read_jsonl, write_text_atomic
 from .utils import derive_seed, generators_for, image_grid
 
 GRID_PROMPTS = 4
 DEEPSPEED_OPTIMIZER_STATE = "deepspeed_optimizer.pt"  # in a checkpoint directory: ZeRO's optimizer state, one entry per process
+EPOCH_SAMPLES = "epoch_samples.pt"  # in a partial checkpoint: every process's samples, rewards and advantages of the epoch
+
+
+class OffPolicyError(ValueError):
+    """The first update of an epoch found importance ratios the clip range clips: training would be off-policy."""
 
 
 @dataclass
@@ -88,7 +96,11 @@ class Trainer:
             from .sft import load_initial_lora
 
             load_initial_lora(self.policy, config.model.init_lora)
-        self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
+        try:
+            self.reward = build_reward_from_config(config.reward)  # checked: errors name the reward and the prompt
+        except (ValueError, RemoteRewardError) as error:  # a plugin that does not import, a server that does not answer
+            key = "reward.url" if config.reward.url else "reward.terms" if config.reward.terms else "reward.name"
+            raise ConfigError(f"{key}: {error}") from error
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.file)
         self.anchor_source = build_prompt_source(config.prompts.anchor_source) if config.prompts.anchor_source else None
         self.monitor = Monitor(config, self.reward)  # the evaluation prompts and the held-out scorer
@@ -102,6 +114,10 @@ class Trainer:
         self.policy.denoiser, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
         self.start_epoch = 0
         self.last_epoch = 0  # the last finished epoch
+        self.resumed = resume
+        self.preemption = PreemptionWatch(announce=self.accelerator.print)
+        self._partial: dict | None = None  # a preempted epoch to finish (resumed from a partial checkpoint)
+        self._damaged: list[Path] = []  # damaged checkpoints the resume skipped, set aside once every process loaded
         self.created_run_dir = not resume and not Path(run_dir).exists()
         if resume:
             self.run_dir = RunDirectory.open(run_dir)
@@ -114,6 +130,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_config(config, self.run_dir.config_path)
             self.run_dir.remove_stale_temporaries()
+            for damaged in self._damaged:
+                self.accelerator.print(f"ddpo: the damaged checkpoint is kept as {self.run_dir.set_aside(damaged)}")
         self.accelerator.init_trackers(
             config.run_name or "ddpo", config=_flat_hparams(config),
             init_kwargs={"wandb": {"name": self.run_dir.path.name, "dir": str(self.run_dir.path)}},
@@ -124,28 +142,17 @@ class Trainer:
     def run(self) -> Path:
         self.describe()
         self.last_epoch = self.start_epoch
-        if self.start_epoch == 0:
+        if self.start_epoch == 0 and not self.resumed:  # a run resumed from epoch-0000 (preempted in epoch 1) has them
             self.save_sample_grid(0)
             if self.monitor.due(0):
                 self.evaluate(0)  # the baseline: the model before training
         try:
-            for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
-                set_seed(derive_seed(self.config.seed, "epoch", epoch) % 2**32)  # for rewards that draw random numbers
-                samples = self.sample_epoch(epoch)
-                advantages = self.advantages(samples)
-                train_metrics, train_seconds = self.update(epoch, samples, advantages)
-                new_best = self.monitor.due(epoch) and self.evaluate(epoch)
-                stop = self._agree(self.monitor.should_stop(epoch))
-                self.record(epoch, samples, train_metrics, train_seconds, new_best=new_best, stop=stop)
-                self.last_epoch = epoch
-                if stop:
-                    if self.accelerator.is_main_process:
-                        self.accelerator.print(self._early_stop_message(epoch))
-                    break
+            with self.preemption:
+                self._run_epochs()
         except BaseException:
             # A run that fails before its first checkpoint can be neither resumed nor re-run into the same
             # directory: remove what this invocation created, so nothing half-written stays behind.
-            if self.created_run_dir and self.accelerator.is_main_process and not self.run_dir.checkpoints():
+            if self.created_run_dir and self.accelerator.is_main_process and not self.run_dir.resume_candidates():
                 shutil.rmtree(self.run_dir.path, ignore_errors=True)
             raise
         finally:
@@ -155,6 +162,38 @@ class Trainer:
             self.save_before_after()
             self.write_report()
         return self.run_dir.path
+
+    def _run_epochs(self) -> None:
+        """The epochs left to run. On SIGTERM/SIGUSR1 (`ddpo.preemption`) each phase stops at its next safe point
+        with a whole checkpoint and raises `Preempted`: sampling after its current batch (the weights are still
+        the last epoch's), training after its current optimizer step (a partial checkpoint with the epoch's
+        samples), the epoch's end after its record."""
+        for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
+            set_seed(derive_seed(self.config.seed, "epoch", epoch) % 2**32)  # for rewards that draw random numbers
+            if self._partial is not None and self._partial["epoch"] == epoch:  # resumed inside this epoch
+                partial, self._partial = self._partial, None
+                samples, advantages = partial["samples"], partial["advantages"]
+            else:
+                partial = None
+                samples = self.sample_epoch(epoch)
+                if samples is None:  # preempted while sampling: nothing of this epoch reached the weights
+                    raise self._preempted(epoch - 1, "while sampling", self._save_whole_checkpoint(epoch - 1))
+                advantages = self.advantages(samples)
+            train_metrics, train_seconds = self.update(epoch, samples, advantages, resume=partial)
+            new_best = self.monitor.due(epoch) and self.evaluate(epoch)
+            stop = self._agree(self.monitor.should_stop(epoch))
+            preempted = self._any_process(self.preemption.received is not None)
+            self.record(epoch, samples, train_metrics, train_seconds, new_best=new_best, stop=stop, force_save=preempted)
+            self.last_epoch = epoch
+            if preempted and epoch < self.config.train.epochs and not stop:
+                raise self._preempted(epoch, "at the end of the epoch", self.run_dir.checkpoints_dir / epoch_name(epoch))
+            if stop:
+                if self.accelerator.is_main_process:
+                    self.accelerator.print(self._early_stop_message(epoch))
+                break
+
+    def _preempted(self, epoch: int, where: str, checkpoint: Path) -> Preempted:
+        return Preempted(self.preemption.received or "a signal on another process", str(checkpoint), epoch, where)
 
     def describe(self) -> None:
         if self.accelerator.is_main_process:
@@ -170,8 +209,9 @@ class Trainer:
                 f"({sum(p.numel() for p in self.policy.trainable_parameters()):,} weights); run dir {self.run_dir.path}"
             )
 
-    def sample_epoch(self, epoch: int) -> EpochSamples:
-        """Sample this process's share of the epoch; rewards are scored in a thread while the next batch samples."""
+    def sample_epoch(self, epoch: int) -> EpochSamples | None:
+        """Sample this process's share of the epoch; rewards are scored in a thread while the next batch samples.
+        None when a preemption signal arrived (on any process) before the last batch: the epoch is abandoned."""
         config, rank, world = self.config, self.accelerator.process_index, self.accelerator.num_processes
         batch = config.sample.batch_size
         started = time.perf_counter()
@@ -195,6 +235,8 @@ class Trainer:
                 futures.append(self._executor.submit(self.reward, trajectory.images, trajectory.prompts, trajectory.metadata))
             trajectories.append(trajectory)
             all_indices += indices
+            if b + 1 < num_batches and self._any_process(self.preemption.received is not None):
+                return None
         sampled = time.perf_counter()
         try:
             outputs: list[RewardOutput] = [f.result() for f in futures]
@@ -237,14 +279,23 @@ class Trainer:
         """Which global sample indices are of anchor batches (they follow the trained batches)."""
         return indices >= self.config.sample.num_batches_per_epoch * self.accelerator.num_processes * self.config.sample.batch_size
 
-    def update(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> tuple[dict[str, float], float]:
-        """Inner epochs over shuffled minibatches and shuffled timesteps, with gradient accumulation."""
+    def update(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor, resume: dict | None = None) -> tuple[dict[str, float], float]:
+        """Inner epochs over shuffled minibatches and shuffled timesteps, with gradient accumulation.
+
+        `resume` (from a partial checkpoint) skips the micro-steps a preempted run already took. A preemption
+        signal stops the update after its current optimizer step: a partial checkpoint, then `Preempted`.
+        The first optimizer step of an epoch is on-policy: its importance ratios must be 1; where the clip range
+        would clip some of them the run stops (`train.on_policy_check`) before the step reaches the weights."""
         config, sizes = self.config, self.sizes
-        started = time.perf_counter()
+        started = time.perf_counter() - (resume["train_seconds"] if resume else 0.0)
         trajectory = samples.trajectory
         micro_steps_per_optimizer_step = sizes["accumulation_steps"] * sizes["num_train_timesteps"]
-        totals: dict[str, list[torch.Tensor]] = {}
+        totals: dict[str, list[torch.Tensor]] = {name: list(values.to(self.accelerator.device).unbind()) for name, values in resume["totals"].items()} if resume else {}
+        skip = resume["micro_step"] if resume else 0
+        check_ratios = config.train.on_policy_check and self.algorithm.uses_importance_ratio and skip == 0
+        first_step_ratio_error = torch.zeros((), device=self.accelerator.device)
         micro_step = 0
+        micro_steps_total = sizes["optimizer_steps_per_epoch"] * micro_steps_per_optimizer_step
         chunk = config.train.timestep_chunk or sizes["num_train_timesteps"]
         kl_weight, anchor_kl_weight = config.train.kl_weight, config.train.anchor_kl_weight
         num_trained = int((~self.is_anchor(samples.indices)).sum())  # this process's scored samples come first
@@ -265,12 +316,17 @@ class Trainer:
                     columns = part_steps[:, start : start + chunk]
                     width = columns.shape[1]
                     micro_step += width
+                    if micro_step <= skip:  # taken before the preemption this run resumed from
+                        continue
                     sync = micro_step % micro_steps_per_optimizer_step == 0
                     self.accelerator.sync_gradients = sync  # DeepSpeed's engine steps at the micro-step accelerate marks
                     with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
                         prediction = self.policy.predict(part, columns, reference=kl_weight > 0)
                         log_prob, old_log_prob = self.algorithm.log_likelihoods(prediction, part, rows, columns)
                         output = self.algorithm.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), part_advantages.repeat_interleave(width))
+                        if check_ratios:
+                            ratio_error = (log_prob.detach().double() - old_log_prob.double()).expm1().abs().max().float()
+                            first_step_ratio_error = torch.maximum(first_step_ratio_error, ratio_error)
                         loss = output.loss
                         if kl_weight > 0:  # KL to the reference model (adapters off), in the algorithm's own terms
                             kl = self.algorithm.kl_to_reference(prediction).mean()
@@ -289,6 +345,11 @@ class Trainer:
                     for name, value in output.metrics.items():
                         totals.setdefault(name, []).extend([value.detach().float()] * width)
                     if sync:
+                        if check_ratios:  # before the first step reaches the weights
+                            check_ratios = False
+                            error = float(self.accelerator.reduce(first_step_ratio_error, reduction="max")) if self.accelerator.num_processes > 1 else float(first_step_ratio_error)
+                            totals["first_step_ratio_error"] = [torch.tensor(error, device=self.accelerator.device)]
+                            self._check_on_policy(epoch, error)
                         grad_norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), config.train.max_grad_norm)
                         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                             grad_norm = grad_norm.full_tensor()
@@ -296,8 +357,12 @@ class Trainer:
                         totals.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32, device=self.accelerator.device))
                         self.optimizer.step()  # under DeepSpeed, the engine stepped in backward
                         self.optimizer.zero_grad(set_to_none=True)
+                        if micro_step < micro_steps_total and self._any_process(self.preemption.received is not None):
+                            self.accelerator.sync_gradients = True
+                            progress = {"micro_step": micro_step, "totals": totals, "train_seconds": time.perf_counter() - started}
+                            raise self._preempted(epoch - 1, "while training", self._save_partial_checkpoint(epoch, samples, advantages, progress))
         self.accelerator.sync_gradients = True
-        means = {name: torch.stack(values).mean() for name, values in totals.items()}
+        means = {name: torch.stack(values).to(self.accelerator.device).mean() for name, values in totals.items()}
         reduced = {name: float(self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")) for name, value in means.items()}
         return reduced, time.perf_counter() - started
 
@@ -379,7 +444,7 @@ class Trainer:
             f"not improved for {epoch - best.epoch} epochs; best checkpoint {self.run_dir.checkpoints_dir / epoch_name(best.epoch)}"
         )
 
-    def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, *, new_best: bool = False, stop: bool = False) -> None:
+    def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, *, new_best: bool = False, stop: bool = False, force_save: bool = False) -> None:
         rewards = self.accelerator.gather(samples.rewards).float().cpu()
         rewards = rewards[~rewards.isnan()]  # anchor samples are not scored
         record = {
@@ -399,7 +464,7 @@ class Trainer:
             record["rss_mb"] = rss  # this process's resident memory after the epoch: a leak shows as a rising line
         record.update({k: v for k, v in train_metrics.items() if k not in record})
         record.update({f"reward_{k}": v for k, v in samples.reward_info.items()})
-        save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs or new_best or stop
+        save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs or new_best or stop or force_save
         prompt_rewards = self._prompt_rewards(samples)
         # The network's and optimizer's state on the main process (gathered from every process where sharded).
         checkpoint = gather_checkpoint_state(self.accelerator, self.policy, self.optimizer) if save else None
@@ -491,7 +556,56 @@ class Trainer:
             canvas.paste(after, (before.width + gap, 0))
             canvas.save(self.run_dir.samples_dir / "before-after.png")
 
-    def _write_checkpoint(self, directory: Path, epoch: int, state: CheckpointState) -> None:
+    def _save_whole_checkpoint(self, epoch: int) -> Path:
+        """The checkpoint of finished epoch `epoch` (0: the weights before training), written if it is not there
+        yet: what a run preempted while sampling the next epoch resumes from (its state is still that epoch's)."""
+        path = self.run_dir.checkpoints_dir / epoch_name(epoch)
+        if any(e == epoch for e, _ in self.run_dir.checkpoints()):
+            return path
+        checkpoint = gather_checkpoint_state(self.accelerator, self.policy, self.optimizer)
+        if self.accelerator.is_main_process:
+            self.run_dir.write_checkpoint(epoch, lambda d: self._write_checkpoint(d, epoch, checkpoint), keep_last=self.config.log.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _save_partial_checkpoint(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor, progress: dict) -> Path:
+        """checkpoints/epoch-NNNN-partial: the state after an optimizer step inside epoch `epoch`, with what the
+        rest of the epoch needs (every process's samples, rewards and advantages, and how far the update got)."""
+        checkpoint = gather_checkpoint_state(self.accelerator, self.policy, self.optimizer)
+        local = _epoch_samples_state(samples, advantages)
+        shares = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+        partial = {
+            "epoch": epoch,
+            "micro_step": progress["micro_step"],
+            "train_seconds": progress["train_seconds"],
+            "totals": {name: torch.stack(values).cpu() for name, values in progress["totals"].items()},
+            "num_processes": self.accelerator.num_processes,
+        }
+
+        def write(directory: Path) -> None:
+            self._write_checkpoint(directory, epoch - 1, checkpoint, partial=partial)
+            torch.save(shares, directory / EPOCH_SAMPLES)
+
+        path = self.run_dir.checkpoints_dir / f"{epoch_name(epoch)}-partial"
+        if self.accelerator.is_main_process:
+            path = self.run_dir.write_checkpoint(epoch, write, partial=True)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _check_on_policy(self, epoch: int, ratio_error: float) -> None:
+        """Stop before the first optimizer step of an epoch when its ratios pi_theta / pi_old, which must be 1
+        (the weights that sampled are the weights that recompute), are off by more than the clip range."""
+        clip_range = self.config.train.clip_range
+        if ratio_error > clip_range:
+            raise OffPolicyError(
+                f"epoch {epoch}: off-policy at the first update: max |ratio - 1| = {ratio_error:.3g} exceeds "
+                f"train.clip_range={clip_range:g}, so the first step already clips; the log-probs recomputed in training "
+                f"differ from the sampler's (precision or batch-dependent kernels): set model.mixed_precision=\"no\" "
+                f"and model.allow_tf32=false, or raise train.clip_range; `ddpo doctor` measures it; "
+                f"train.on_policy_check=false trains anyway"
+            )
+
+    def _write_checkpoint(self, directory: Path, epoch: int, state: CheckpointState, partial: dict | None = None) -> None:
         self.policy.save_adapter(directory, network_state=state.network)
         save_file(state.trainable, str(directory / "trainable.safetensors"))
         optimizer_state = state.optimizer
@@ -506,13 +620,43 @@ class Trainer:
                 "algorithm": self.algorithm.state_dict(),
                 "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
                 "config": config_to_dict(self.config),
+                "partial": partial,
             },
             directory / TRAINER_STATE,
         )
 
     def _load_latest_checkpoint(self) -> None:
-        epoch, directory = self.run_dir.latest_checkpoint()
+        """Load the newest whole checkpoint (a partial one included); a damaged one (a file that does not match
+        its checksum, or does not load) is reported and the previous one used."""
+        problems = []
+        for epoch, directory in self.run_dir.resume_candidates():
+            problem = self.run_dir.checkpoint_problem(directory)
+            if problem is None:
+                try:
+                    self._load_checkpoint(directory)
+                    break
+                except RunDirectoryError:  # whole, but not resumable by this launch: say so, do not fall back
+                    raise
+                except Exception as error:  # noqa: BLE001 - any file that does not load makes the checkpoint damaged
+                    problem = f"it does not load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            problems.append((directory, problem))
+            if self.accelerator.is_main_process:
+                self.accelerator.print(f"ddpo: warning: checkpoint {directory} is damaged: {problem}; trying the previous one")
+        else:
+            raise RunDirectoryError(f"--resume {self.run_dir.path}: no whole checkpoint to resume from ({'; '.join(f'{d.name}: {p}' for d, p in problems)})")
+        self._damaged = [directory for directory, _ in problems]
+
+    def _load_checkpoint(self, directory: Path) -> None:
         state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+        partial = state.get("partial")
+        if partial is not None:
+            if partial["num_processes"] != self.accelerator.num_processes:
+                raise RunDirectoryError(
+                    f"{directory} was written inside epoch {partial['epoch']} by {partial['num_processes']} process(es); "
+                    f"resume it with as many (this launch has {self.accelerator.num_processes})"
+                )
+            shares = torch.load(directory / EPOCH_SAMPLES, map_location="cpu", weights_only=True)
+            samples, advantages = _epoch_samples_from_state(shares[self.accelerator.process_index], self.accelerator.device)
         layout = state.get("optimizer_layout", "torch")
         optimizer_state = state["optimizer"]
         if layout == "deepspeed-zero":  # ZeRO's state holds objects (its loss scaler) that only a full unpickle restores
@@ -522,11 +666,57 @@ class Trainer:
         self.algorithm.load_state_dict(state["algorithm"])
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-        self.start_epoch = state["epoch"]
+        self.start_epoch = epoch = state["epoch"]
+        self._partial = {**partial, "samples": samples, "advantages": advantages} if partial is not None else None
         self.monitor.restore([r for r in read_jsonl(self.run_dir.monitor_path, tolerant=True) if r["epoch"] <= self.start_epoch])
         if self.accelerator.is_main_process:
             self.run_dir.truncate_metrics(self.start_epoch)
-            self.accelerator.print(f"resuming {self.run_dir.path} after epoch {epoch}")
+            inside = f", inside epoch {partial['epoch']} after {partial['micro_step']} micro-steps" if partial else ""
+            self.accelerator.print(f"resuming {self.run_dir.path} after epoch {epoch}{inside}")
+
+
+def _epoch_samples_state(samples: EpochSamples, advantages: torch.Tensor) -> dict:
+    """One process's samples of an epoch as plain tensors, lists and strings (loadable with weights_only); the
+    decoded images are left out (already scored)."""
+    trajectory = {}
+    for item in dataclasses.fields(samples.trajectory):
+        value = getattr(samples.trajectory, item.name)
+        if isinstance(value, torch.Tensor):
+            trajectory[item.name] = value.detach().cpu()
+        elif item.name == "extras":
+            trajectory[item.name] = {name: tensor.detach().cpu() for name, tensor in value.items()}
+        elif item.name == "metadata":
+            trajectory[item.name] = json.dumps(value, default=repr)
+        elif item.name == "prompts":
+            trajectory[item.name] = list(value)
+    return {
+        "trajectory": trajectory,
+        "on_cpu": [name for name, value in trajectory.items() if isinstance(value, torch.Tensor) and getattr(samples.trajectory, name).device.type == "cpu"],
+        "indices": samples.indices.cpu(),
+        "rewards": samples.rewards.cpu(),
+        "advantages": advantages.cpu(),
+        "reward_info": json.dumps(samples.reward_info),
+        "seconds": [samples.sample_seconds, samples.reward_wait_seconds],
+    }
+
+
+def _epoch_samples_from_state(state: dict, device: torch.device) -> tuple[EpochSamples, torch.Tensor]:
+    fields = dict(state["trajectory"])
+    fields["metadata"] = json.loads(fields["metadata"])
+    for name, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            fields[name] = value if name in state["on_cpu"] else value.to(device)
+        elif name == "extras":
+            fields[name] = {key: tensor.to(device) for key, tensor in value.items()}
+    samples = EpochSamples(
+        trajectory=Trajectory(**fields),
+        indices=state["indices"].to(device),
+        rewards=state["rewards"].to(device),
+        reward_info=json.loads(state["reward_info"]),
+        sample_seconds=state["seconds"][0],
+        reward_wait_seconds=state["seconds"][1],
+    )
+    return samples, state["advantages"].to(device)
 
 
 def _merge_info(infos: list[dict]) -> dict[str, float]:
