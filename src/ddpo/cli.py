@@ -457,11 +457,30 @@ def label_import(store: str, jsonl: str) -> None:
 
 @label.command("status")
 @click.argument("store", type=click.Path())
-def label_status(store: str) -> None:
-    """Pairs, labelled pairs and labels per labeller (JSON)."""
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), help="A preference model: also each labeller's agreement with it.")
+def label_status(store: str, model_path: str | None) -> None:
+    """Pairs, labels per labeller, and each labeller's agreement with the others' majority (and with --model);
+    a labeller whose agreement is at chance is flagged (JSON; a warning line on stderr)."""
     import json
 
-    click.echo(json.dumps(_open_store(store).progress(), indent=2))
+    from .preference.agreement import labeller_agreement, model_margins
+
+    opened = _open_store(store)
+    margins = None
+    if model_path is not None:
+        _quiet_libraries()
+        from .preference.model import PreferenceModelError
+
+        try:
+            margins = model_margins(opened, model_path)
+        except (PreferenceModelError, *_label_errors()) as error:
+            raise UserError(str(error)) from error
+    agreement = labeller_agreement(opened.labels(), margins)
+    click.echo(json.dumps({**opened.progress(), "labellers": [a.as_dict() for a in agreement]}, indent=2))
+    for flagged in (a for a in agreement if a.at_chance):
+        majority = flagged.judged_against == "majority"
+        reference, share = ("the others' majority", flagged.majority_agreement) if majority else ("the preference model", flagged.model_agreement)
+        click.echo(f"ddpo label: warning: {flagged.labeller} agrees with {reference} on {share:.0%} of their answers: at chance; check their labels before training on them", err=True)
 
 
 @main.group()
