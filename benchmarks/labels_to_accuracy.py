@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--l2", type=float, default=3e-2)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--ties", default="half", choices=["half", "davidson"])
+    parser.add_argument("--active", default="uncertainty", choices=["uncertainty", "bald"], help="The active strategy compared with random.")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -104,20 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         truth_labeller = PersonLikeLabeller(ByPromptColour())  # no flips: the taste itself
         test_truth = [truth_labeller.choose_scenes(p.scene_a, p.scene_b, p.prompt) for p in test]
         pool_features, test_features = featurise(pool, extractor), featurise(test, extractor)
-        for strategy in ("random", "uncertainty"):
+        for strategy in ("random", args.active):
             result = curve(strategy, pool, pool_features, test_features, test_truth, seed=seed, args=args)
             results.append(result)
             print(json.dumps(result), file=sys.stderr, flush=True)
     table = {}
-    for strategy in ("random", "uncertainty"):
+    for strategy in ("random", args.active):
         rows = [r for r in results if r["strategy"] == strategy]
         table[strategy] = {b: {"median": statistics.median(r["accuracy"][b] for r in rows), "min": min(r["accuracy"][b] for r in rows), "max": max(r["accuracy"][b] for r in rows)} for b in BUDGETS}
     target = table["random"][BUDGETS[-1]]["median"]
-    reached = next((b for b in BUDGETS if table["uncertainty"][b]["median"] >= target), None)
+    reached = next((b for b in BUDGETS if table[args.active][b]["median"] >= target), None)
     per_seed = {}
     for seed in args.seeds:
         random_at_end = next(r for r in results if r["strategy"] == "random" and r["seed"] == seed)["accuracy"][BUDGETS[-1]]
-        active = next(r for r in results if r["strategy"] == "uncertainty" and r["seed"] == seed)["accuracy"]
+        active = next(r for r in results if r["strategy"] == args.active and r["seed"] == seed)["accuracy"]
         per_seed[seed] = next((b for b in BUDGETS if active[b] >= random_at_end), None)
     summary = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "table": table, "random_500_median": target,
                "active_labels_to_reach_it": reached, "per_seed_active_labels_to_reach_random_500": per_seed,

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -189,3 +191,46 @@ def test_the_queue_orders_what_the_app_shows_and_keeps_random_tags(tmp_path):
 
     with pytest.raises(LabelStoreError, match="no pair 'nope'"):
         store.set_queue([("nope", "active")])
+
+
+def test_people_and_model_never_waits_refits_in_the_background_and_prefers_people(tmp_path):
+    from ddpo.rewards import RewardError, build_reward
+
+    store_path = tmp_path / "labels.db"
+    reward = build_reward("people_and_model", store=str(store_path), refit_seconds=0.2, min_labels=10)
+    batch = [p for p in rendered_pairs(40, seed=7) if p.scene_a.count != p.scene_b.count][:8]
+    images = [image for p in batch for image in (p.image_a, p.image_b)]
+    prompts = [p.prompt for p in batch for _ in range(2)]
+    started = time.monotonic()
+    output = reward(images, prompts, [{}] * len(images))
+    assert time.monotonic() - started < 5  # nobody labels, and it does not wait for them
+    assert output.scores.tolist() == [0.0] * len(images)  # no labels yet: no model, no preference
+    assert output.info["people_share"].sum() == 0 and output.info["model_refits"] == 0
+    store = LabelStore(store_path)
+    assert [p.priority for p in store.unlabelled_pairs()] == [1] * len(batch)  # queued ahead of everything else
+
+    # A labeller who prefers fewer objects labels 60 other pairs; the background thread refits on them.
+    store.add_labeller("ann")
+    labeller = PersonLikeLabeller(FewerObjects(), seed=0)
+    others = rendered_pairs(60, seed=8)
+    for identifier, pair in zip(store.add_pairs([(p.prompt, p.image_a, p.image_b) for p in others], source="rendered"), others):
+        store.record("ann", identifier, labeller.choose_scenes(pair.scene_a, pair.scene_b))
+    deadline = time.monotonic() + 60
+    while reward.reward.model_labels < 60:  # the PeopleAndModel inside the checked reward
+        assert time.monotonic() < deadline, "the preference model was not refitted in the background"
+        time.sleep(0.1)
+    # People's choice replaces the model's where it exists: ann answers against her taste on the first pair.
+    first = store.unlabelled_pairs()[0]
+    store.record("ann", first.id, "2" if batch[0].scene_a.count < batch[0].scene_b.count else "1")
+    output = reward(images, prompts, [{}] * len(images))
+    dr = output.scores[0::2]
+    wanted = np.array([1.0 if p.scene_a.count < p.scene_b.count else -1.0 for p in batch])
+    assert dr[0] == -wanted[0] and output.info["people_share"].tolist() == [1.0, 1.0] + [0.0] * (len(images) - 2)
+    assert np.mean(dr[1:] == wanted[1:]) >= 6 / 7  # the refitted model's choices follow ann's taste
+    assert output.info["model_labels"] >= 60 and output.info["model_refits"] >= 1 and output.info["labels_new"] >= 1
+    reward.reward.close()
+
+    with pytest.raises(RewardError, match="people_weight 2 must be in"):
+        build_reward("people_and_model", store=str(store_path), people_weight=2)
+    with pytest.raises(RewardError, match="ask 'all' is not one of fdfo, cross"):
+        build_reward("people_and_model", store=str(store_path), ask="all")

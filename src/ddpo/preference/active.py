@@ -7,7 +7,9 @@ each batch (`random_share`) is drawn uniformly at random instead and tagged "ran
 unbiased sample of the pool, so a held-out accuracy measured on them means what it says (an accuracy measured
 on actively chosen pairs would be one on the hardest pairs).
 
-Strategies: "random" (every pair uniformly at random; what the app did before) and "uncertainty".
+Strategies: "random" (every pair uniformly at random; what the app did before), "uncertainty" (the largest
+posterior margin variance) and "bald" (the largest expected information about the weights, Houlsby et al. 2011:
+uncertain margins near 0, not pairs the model already ranks confidently however uncertain their exact margin).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from .bradley_terry import greedy_most_uncertain, laplace_covariance
 from .model import BradleyTerryModel, margin_jacobian
 
-STRATEGIES = ("random", "uncertainty")
+STRATEGIES = ("random", "uncertainty", "bald")
 RANDOM, ACTIVE = "random", "active"
 """Tags of a selected pair: drawn at random, or chosen for its uncertainty."""
 
@@ -54,7 +56,7 @@ def select_pairs(
     num_random = sum(rng.random() < random_share for _ in range(k))
     chosen_random = order[:num_random]
     rest = [i for i in range(count) if i not in set(chosen_random)]
-    active = uncertain_pairs(model, labelled, tuple(t[rest] for t in candidates), k - num_random, l2=l2)
+    active = uncertain_pairs(model, labelled, tuple(t[rest] for t in candidates), k - num_random, l2=l2, information=strategy == "bald")
     picks = [(rest[i], ACTIVE) for i in active] + [(i, RANDOM) for i in chosen_random]
     rng.shuffle(picks)  # interleave, so that a labeller who stops early has answered both kinds
     return picks
@@ -70,14 +72,16 @@ def margin_posterior_covariance(model: BradleyTerryModel, labelled: tuple[torch.
 
 
 @torch.no_grad()
-def uncertain_pairs(model: BradleyTerryModel, labelled: tuple[torch.Tensor, torch.Tensor, torch.Tensor], candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, *, l2: float = 3e-2) -> list[int]:
-    """Indices of k candidates picked greedily by posterior margin variance (module docstring)."""
+def uncertain_pairs(model: BradleyTerryModel, labelled: tuple[torch.Tensor, torch.Tensor, torch.Tensor], candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, *, l2: float = 3e-2, information: bool = False) -> list[int]:
+    """Indices of k candidates picked greedily by posterior margin variance, or with `information` by BALD
+    (module docstring)."""
     if k <= 0:
         return []
     covariance = margin_posterior_covariance(model, labelled, l2)
     jacobian = margin_jacobian(model, *candidates).double()
-    probability = torch.sigmoid(model(candidates[0], candidates[2]) - model(candidates[1], candidates[2])).double()
-    return greedy_most_uncertain(jacobian, covariance, probability * (1 - probability), k)
+    margin = (model(candidates[0], candidates[2]) - model(candidates[1], candidates[2])).double()
+    probability = torch.sigmoid(margin)
+    return greedy_most_uncertain(jacobian, covariance, probability * (1 - probability), k, mean=margin if information else None)
 
 
 __all__ = ["ACTIVE", "RANDOM", "STRATEGIES", "margin_posterior_covariance", "select_pairs", "uncertain_pairs"]

@@ -68,11 +68,26 @@ def margin_variance(candidate_jacobian: torch.Tensor, covariance: torch.Tensor) 
     return ((candidate_jacobian @ covariance) * candidate_jacobian).sum(-1)
 
 
-def greedy_most_uncertain(candidate_jacobian: torch.Tensor, covariance: torch.Tensor, curvature: torch.Tensor, k: int) -> list[int]:
+def bald(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Expected information (bits) an answer gives about the weights, for a margin d ~ N(mean, variance) and
+    P(a preferred) = sigmoid(d): H[E p] - E[H[p]] (Houlsby et al. 2011, "Bayesian active learning for
+    classification and preference learning", eq. (3)-(4)), with the logistic read as a probit of scale
+    sqrt(pi / 8) and C = sqrt(pi ln 2 / 2). 0 when variance is 0; large for an uncertain margin near 0."""
+    scale = math.pi / 8
+    m, s2 = mean * math.sqrt(scale), variance.clamp_min(0) * scale
+    c2 = math.pi * math.log(2) / 2
+    p = torch.special.ndtr(m / torch.sqrt(1 + s2)).clamp(1e-12, 1 - 1e-12)
+    entropy = -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
+    expected_entropy = math.sqrt(c2) / torch.sqrt(s2 + c2) * torch.exp(-m * m / (2 * (s2 + c2)))
+    return (entropy - expected_entropy).clamp_min(0)
+
+
+def greedy_most_uncertain(candidate_jacobian: torch.Tensor, covariance: torch.Tensor, curvature: torch.Tensor, k: int, mean: torch.Tensor | None = None) -> list[int]:
     """Pick k candidates one at a time, each the one whose margin has the largest posterior variance given the
     answers to the ones picked before it: after asking j (curvature c, its expected p (1 - p)) the covariance is
     Sigma - c r r^T / (1 + c j^T r) with r = Sigma j (Sherman-Morrison), so that one batch does not ask k
-    near-copies of one question. Each pick costs O(m p) after one (m, p) x (p, p) product. Returns candidate
+    near-copies of one question. Each pick costs O(m p) after one (m, p) x (p, p) product. With `mean` (each
+    candidate's fitted margin) the score is `bald(mean, variance)` instead of the variance. Returns candidate
     indices in the order picked."""
     base = candidate_jacobian @ covariance  # (m, p): row i is (Sigma_0 j_i)^T
     variance = (base * candidate_jacobian).sum(-1)
@@ -80,7 +95,8 @@ def greedy_most_uncertain(candidate_jacobian: torch.Tensor, covariance: torch.Te
     picked: list[int] = []
     available = torch.ones(len(candidate_jacobian), dtype=torch.bool)
     for _ in range(min(k, len(candidate_jacobian))):
-        best = int(variance.masked_fill(~available, -math.inf).argmax())
+        score = variance if mean is None else bald(mean, variance)
+        best = int(score.masked_fill(~available, -math.inf).argmax())
         picked.append(best)
         available[best] = False
         row = base[best].clone()
@@ -94,6 +110,6 @@ def greedy_most_uncertain(candidate_jacobian: torch.Tensor, covariance: torch.Te
 
 
 __all__ = [
-    "OUTCOMES", "davidson_log_probabilities", "davidson_nll", "greedy_most_uncertain", "laplace_covariance",
+    "OUTCOMES", "bald", "davidson_log_probabilities", "davidson_nll", "greedy_most_uncertain", "laplace_covariance",
     "margin_variance", "outcome_index", "rao_kupper_probabilities",
 ]  # fmt: skip

@@ -362,6 +362,12 @@ class LabelStore:
         rows = self._query(f"SELECT id, pair, labeller, choice, created, image_a, image_b, undone FROM labels {clause} ORDER BY created, rowid", parameters)
         return [Label(*row) for row in rows]
 
+    def label_latencies(self, since: float) -> list[float]:
+        """Seconds from a pair entering the store to each current label on it made after time `since`, in the
+        order the labels were made (the online reward's label latency)."""
+        rows = self._query("SELECT l.created - p.created FROM labels l JOIN pairs p ON p.id = l.pair WHERE l.undone IS NULL AND l.created > ? ORDER BY l.created", (since,))
+        return [row[0] for row in rows]
+
     def choices(self, pairs: Sequence[str]) -> dict[str, list[str]]:
         """The current (not undone) choices on each of `pairs`, from every labeller."""
         found: dict[str, list[str]] = {identifier: [] for identifier in pairs}
