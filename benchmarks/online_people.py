@@ -3,7 +3,7 @@ noisy scripted labeller (`PersonLikeLabeller`: a response time, 15% flips, ties 
 counts are within `--tie-margin`) who prefers fewer objects labels through the app's HTTP API, as a person at
 the page would. Training runs in its own process (`ddpo train`), the app and the labeller in this one.
 
-For each seed: `shapes/fdfo_human` for `--epochs` epochs with reward `people_and_model` (the preference model,
+For each seed: `shapes/fdfo_people` (`shapes/fdfo_human` with reward `people_and_model`) for `--epochs` epochs with reward `people_and_model` (the preference model,
 refitted every `--refit-seconds` on the labels so far, gives every pair's choice; people's choices replace it
 where they arrived in time). Measured: seconds per epoch and the reward's wait (training speed), labels per
 epoch, label latency, the share of the reward from people, and the judge's mean object count on the 13
@@ -59,8 +59,8 @@ def run(seed: int, workdir: Path, args, *, labeller: bool) -> dict:
     run_dir = workdir / "run"
     kwargs = f'{{ store = "{store_path}", refit_seconds = {args.refit_seconds}, ask = "{args.ask}", model_choice = "{args.model_choice}" }}'
     command = TRAIN + [
-        "--config", "shapes/fdfo_human", "--out", str(run_dir), "--no-progress", "--set", f"seed={seed}",
-        "--set", 'reward.name="people_and_model"', "--set", f"reward.kwargs={kwargs}",
+        "--config", "shapes/fdfo_people", "--out", str(run_dir), "--no-progress", "--set", f"seed={seed}",
+        "--set", f"reward.kwargs={kwargs}",
         "--set", f"train.epochs={args.epochs}", "--set", f"log.save_every={args.epochs}",
     ]  # fmt: skip
     stop = threading.Event()

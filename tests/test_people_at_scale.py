@@ -234,3 +234,46 @@ def test_people_and_model_never_waits_refits_in_the_background_and_prefers_peopl
         build_reward("people_and_model", store=str(store_path), people_weight=2)
     with pytest.raises(RewardError, match="ask 'all' is not one of fdfo, cross"):
         build_reward("people_and_model", store=str(store_path), ask="all")
+
+
+def test_label_select_queues_uncertain_pairs_and_keeps_a_random_share(tmp_path):
+    """`ddpo label select`: with too few labels it queues at random and says so; with labels, the queue it writes
+    is what the app shows next, a share of it tagged random, and `preference train --heldout-random-only` holds
+    out only those."""
+    store = LabelStore(tmp_path / "labels.db")
+    store.add_labeller("ann")
+    pool = rendered_pairs(80, seed=11)
+    ids = store.add_pairs([(p.prompt, p.image_a, p.image_b) for p in pool], source="rendered")
+    runner = CliRunner()
+    result = runner.invoke(main, ["label", "select", str(store.path), "--count", "10"])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output)
+    assert reply["strategy"] == "random" and reply["queued"] == 10 and "fewer than 10 labels" in reply["note"]
+
+    labeller = PersonLikeLabeller(FewerObjects(), seed=0)
+    for identifier, pair in list(zip(ids, pool))[:30]:
+        store.record("ann", identifier, labeller.choose_scenes(pair.scene_a, pair.scene_b))
+    result = runner.invoke(main, ["label", "select", str(store.path), "--count", "20", "--random-share", "0.25", "--strategy", "bald"])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output)
+    assert reply["strategy"] == "bald" and reply["queued"] == 20 and reply["unlabelled"] == 50 and reply["active"] + reply["random"] == 20 and reply["active"] >= 10
+    selections = store.selections()
+    shown = store.next_pair("ann")
+    assert shown.id in selections and shown.id not in ids[:30]
+    by_id = dict(zip(ids, pool))
+
+    # Label the random ones too; held-out pairs then come only from them.
+    for identifier in [i for i, s in selections.items() if s == "random"]:
+        store.record("ann", identifier, labeller.choose_scenes(by_id[identifier].scene_a, by_id[identifier].scene_b))
+    result = runner.invoke(main, ["preference", "train", str(store.path), "--out", str(tmp_path / "m.safetensors"), "--heldout-random-only", "--heldout", "0.5", "--ties", "davidson"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    random_labelled = sum(1 for s in store.selections().values() if s == "random")
+    assert report["heldout_comparisons"] == round(0.5 * random_labelled) and report["ties"] == "davidson" and report["tie_log_nu"] is not None
+
+    for args, message in [
+        (["label", "select", str(tmp_path / "missing.db")], "no label store at"),
+        (["label", "select", str(store.path), "--count", "0"], "--count must be at least 1"),
+    ]:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2 and result.output.strip().startswith("ddpo: error: ") and message in result.output, result.output

@@ -483,6 +483,58 @@ def label_status(store: str, model_path: str | None) -> None:
         click.echo(f"ddpo label: warning: {flagged.labeller} agrees with {reference} on {share:.0%} of their answers: at chance; check their labels before training on them", err=True)
 
 
+@label.command("select")
+@click.argument("store", type=click.Path())
+@click.option("--strategy", default="bald", show_default=True, type=click.Choice(["random", "uncertainty", "bald"]), help="How to choose: at random, or what the preference model is least sure of.")
+@click.option("--count", default=100, show_default=True, type=int, help="Pairs to queue (the rest keep their order behind them).")
+@click.option("--random-share", default=0.2, show_default=True, type=float, help="Share of the queue drawn at random (held-out material: `ddpo preference train --heldout-random-only`).")
+@click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL'.")
+@click.option("--l2", default=3e-2, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+def label_select(store: str, strategy: str, count: int, random_share: float, features: str, l2: float, seed: int) -> None:
+    """Choose which unlabelled pairs the app shows next: fit a preference model on the labels so far and queue the
+    pairs whose answers would teach it most (active selection), with a share drawn at random. Run it again as
+    labels come in; the app (which may be serving) follows the new order at once."""
+    _quiet_libraries()
+    import json
+    import random
+
+    import torch
+
+    from .preference.active import select_pairs
+    from .preference.features import unique_image_features
+    from .preference.model import MIN_COMPARISONS, PreferenceModelError, _tensors, train_preference_model
+
+    if count < 1 or not 0 <= random_share <= 1:
+        raise UserError(f"--count must be at least 1 and --random-share in [0, 1]; got {count}, {random_share}")
+    opened = _open_store(store)
+    pairs = opened.unlabelled_pairs()
+    if not pairs:
+        raise UserError(f"{store} has no unlabelled pairs to select from; add some with `ddpo label add-pairs`")
+    comparisons = [c for c in opened.comparisons() if c.choice in ("1", "2", "tie")]
+    rng = random.Random(seed)
+    model = labelled = None
+    try:
+        if strategy != "random" and len(comparisons) >= MIN_COMPARISONS:
+            model, extractor, _ = train_preference_model(comparisons, features, heldout_fraction=0.0, seed=seed, l2=l2)
+            data = _tensors(comparisons, extractor)
+            labelled = (data.image_a, data.image_b, data.prompt)
+            image_features, rows = unique_image_features(extractor, [opened.image(p.image_a) for p in pairs] + [opened.image(p.image_b) for p in pairs])
+            candidates = (image_features[rows[: len(pairs)]], image_features[rows[len(pairs) :]], extractor.prompts([p.prompt for p in pairs]))
+        else:
+            candidates = tuple(torch.zeros(len(pairs), 1) for _ in range(3))
+        picks = select_pairs(strategy, count, candidates, rng=rng, model=model, labelled=labelled, l2=l2, random_share=random_share)
+        opened.set_queue([(pairs[index].id, selection) for index, selection in picks])
+    except (PreferenceModelError, ValueError, *_label_errors()) as error:
+        raise UserError(str(error)) from error
+    fell_back = strategy != "random" and model is None
+    click.echo(json.dumps({
+        "strategy": "random" if fell_back else strategy, "queued": len(picks), "unlabelled": len(pairs),
+        "active": sum(selection == "active" for _, selection in picks), "random": sum(selection == "random" for _, selection in picks),
+        **({"note": f"fewer than {MIN_COMPARISONS} labels: chosen at random until there are enough to fit a model"} if fell_back else {}),
+    }))  # fmt: skip
+
+
 @main.group()
 def preference() -> None:
     """Preference models learned from labels (Bradley-Terry), usable as reward `preference:PATH`."""
@@ -495,7 +547,9 @@ def preference() -> None:
 @click.option("--heldout", default=0.2, show_default=True, type=float, help="Fraction of pairs held out to measure pairwise accuracy.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--l2", default=3e-2, show_default=True, type=float, help="L2 penalty on the weights (more: less confident, less overfit).")
-def preference_train(store: str, out: str, features: str, heldout: float, seed: int, l2: float) -> None:
+@click.option("--ties", default="half", show_default=True, type=click.Choice(["half", "davidson"]), help="A tie as a target of 1/2, or as Davidson's third outcome.")
+@click.option("--heldout-random-only", is_flag=True, help="Hold out only pairs `ddpo label select` drew at random (unbiased under active selection).")
+def preference_train(store: str, out: str, features: str, heldout: float, seed: int, l2: float, ties: str, heldout_random_only: bool) -> None:
     """Fit a Bradley-Terry model on STORE's labels; prints the held-out pairwise accuracy (JSON)."""
     _quiet_libraries()
     import json
@@ -504,7 +558,9 @@ def preference_train(store: str, out: str, features: str, heldout: float, seed: 
     from .preference.model import PreferenceModelError, save_preference_model, train_preference_model
 
     try:
-        model, _, report = train_preference_model(_open_store(store).comparisons(), features, heldout_fraction=heldout, seed=seed, l2=l2)
+        opened = _open_store(store)
+        candidates = {pair for pair, selection in opened.selections().items() if selection == "random"} if heldout_random_only else None
+        model, _, report = train_preference_model(opened.comparisons(), features, heldout_fraction=heldout, seed=seed, l2=l2, ties=ties, heldout_candidates=candidates)
         save_preference_model(model, report, out)
     except (PreferenceModelError, ValueError, *_label_errors()) as error:
         raise UserError(str(error)) from error

@@ -17,9 +17,9 @@ with `sample.num_batches_per_epoch = 1` all of an epoch's pairs are queued at on
   choice (refitted on the store's labels in a background thread every `refit_seconds`), replaced by (or mixed
   with, `people_weight`) the labellers' choice where one has arrived (within `wait` seconds, 0 by default).
   Each batch's pairs are queued for the labellers as the newest (older unlabelled ones move behind them);
-  `ask = "cross"` asks instead about a sample against an earlier sample of its prompt from other noise, which
-  teaches the preference model more than FDFO's near-identical pairs (whose labels are then never used as a
-  reward directly: all of the reward is the model's). Reports per call `labels_new`, `label_latency_seconds`,
+  `ask = "cross"` asks instead about a sample against an earlier sample of its prompt from other noise (the
+  FDFO pair for a prompt not seen before), which teaches the preference model more than FDFO's near-identical
+  pairs; only answers about FDFO pairs themselves can be a pair's reward directly. Reports per call `labels_new`, `label_latency_seconds`,
   `people_share` (pairs whose reward came from people), `model_labels` and `model_refits`.
 """
 
@@ -170,18 +170,9 @@ class PeopleAndModel:
         comparisons = self.store.comparisons()
         if len(comparisons) < self.min_labels or len(comparisons) == self.model_labels:
             return False
-        import torch
-
         extractor = self._model[1] if self._model is not None and self._model[1].name == self.features else build_features(self.features)
-        # The fit's tensors are tiny: with the intra-op pool's threads it only waits on them (measured 35 s
-        # instead of 1.4 s for 400 steps on a loaded 2-core machine), so it runs on one thread (torch's setting
-        # is per process: training runs on one thread for those seconds too).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            model, _, _ = train_preference_model(comparisons, extractor, heldout_fraction=0.0, l2=self.l2, ties=self.ties)
-        finally:
-            torch.set_num_threads(threads)
+        # (The fit runs on one thread, and so does training for those seconds: `ddpo.preference.model.fit`.)
+        model, _, _ = train_preference_model(comparisons, extractor, heldout_fraction=0.0, l2=self.l2, ties=self.ties)
         with self._lock:
             self._model = (model.eval().requires_grad_(False), extractor)
             self.model_labels, self.model_refits = len(comparisons), self.model_refits + 1
@@ -216,17 +207,22 @@ class PeopleAndModel:
             raise ValueError("people_and_model compares samples 2k and 2k + 1 of one prompt: use a pairwise algorithm (fdfo) or sample.samples_per_prompt = 2")
         started = time.monotonic()
         pairs = [(prompts[i], images[i], images[i + 1]) for i in range(0, len(images), 2)]
-        if self.ask == "fdfo":
-            asked = pairs
-        else:  # a sample against the last earlier sample of its prompt (other noise), where there is one
-            asked = [(prompt, first, self._recent[prompt]) for prompt, first, _ in pairs if prompt in self._recent]
-            self._recent.update({prompt: second for prompt, _, second in pairs})
+        # What to ask: each FDFO pair, or (ask = "cross") a sample against the last earlier sample of its prompt
+        # from other noise, falling back to the FDFO pair for a prompt not seen before. `direct[k]`: whether the
+        # k-th question is the k-th FDFO pair itself, whose answer can then be its reward.
+        asked, direct = [], []
+        for prompt, first, second in pairs:
+            cross = self.ask == "cross" and prompt in self._recent
+            asked.append((prompt, first, self._recent[prompt]) if cross else (prompt, first, second))
+            direct.append(not cross)
+            self._recent[prompt] = second
         # The newest batch first: the pairs of the previous one nobody labelled yet move behind it.
         self.store.set_priority(self._previous, 0)
-        ids = self.store.add_pairs(asked, source="online", batch=uuid.uuid4().hex, priority=self.priority) if asked else []
+        ids = self.store.add_pairs(asked, source="online", batch=uuid.uuid4().hex, priority=self.priority)
         self._previous = ids
+        direct_ids = [i for i, is_direct in zip(ids, direct) if is_direct]
         choices = self.store.choices(ids)
-        while self.ask == "fdfo" and self.wait > 0 and not all(choices[i] for i in ids) and time.monotonic() - started < self.wait:
+        while self.wait > 0 and not all(choices[i] for i in direct_ids) and time.monotonic() - started < self.wait:
             time.sleep(min(0.1, self.wait))
             choices = self.store.choices(ids)
         margins = self._margins(images, prompts)
@@ -236,7 +232,7 @@ class PeopleAndModel:
             model_dr = np.sign(margins).astype(np.float32)
         else:
             model_dr = (2 / (1 + np.exp(-margins)) - 1).astype(np.float32)
-        people = np.array([vote(choices[i]) for i in ids], dtype=np.float32) if self.ask == "fdfo" else np.zeros(len(pairs), dtype=np.float32)
+        people = np.array([vote(choices[i]) if is_direct else 0 for i, is_direct in zip(ids, direct)], dtype=np.float32)
         from_people = people != 0
         dr = np.where(from_people, self.people_weight * people + (1 - self.people_weight) * model_dr, model_dr) * np.float32(self.scale)
         scores = np.stack([dr, -dr], axis=1).reshape(-1).astype(np.float32)
