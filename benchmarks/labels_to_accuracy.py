@@ -94,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ties", default="half", choices=["half", "davidson"])
     parser.add_argument("--active", default="uncertainty", choices=["uncertainty", "bald"], help="The active strategy compared with random.")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--from-log", type=Path, nargs="+", help="Summarise the per-run JSON lines earlier runs printed on stderr (e.g. to merge seeds run separately) instead of running.")
     args = parser.parse_args(argv)
+    if args.from_log:
+        results = [json.loads(line) for log in args.from_log for line in log.read_text().splitlines() if line.startswith('{"strategy"')]
+        for result in results:
+            result["accuracy"] = {int(k): v for k, v in result["accuracy"].items()}
+        args.seeds = sorted({r["seed"] for r in results if r["strategy"] == args.active} & {r["seed"] for r in results if r["strategy"] == "random"})
+        results = [r for r in results if r["seed"] in args.seeds and r["strategy"] in ("random", args.active)]
+        return summarise(results, args, seconds=None)
     torch.set_num_threads(1)
     extractor = ShapesDescriberFeatures()
     results = []
@@ -109,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             result = curve(strategy, pool, pool_features, test_features, test_truth, seed=seed, args=args)
             results.append(result)
             print(json.dumps(result), file=sys.stderr, flush=True)
+    return summarise(results, args, seconds=round(time.perf_counter() - started, 1))
+
+
+def summarise(results: list[dict], args, *, seconds: float | None) -> int:
     table = {}
     for strategy in ("random", args.active):
         rows = [r for r in results if r["strategy"] == strategy]
@@ -120,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         random_at_end = next(r for r in results if r["strategy"] == "random" and r["seed"] == seed)["accuracy"][BUDGETS[-1]]
         active = next(r for r in results if r["strategy"] == args.active and r["seed"] == seed)["accuracy"]
         per_seed[seed] = next((b for b in BUDGETS if active[b] >= random_at_end), None)
-    summary = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "table": table, "random_500_median": target,
+    summary = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "from_log")}, "table": table, "random_500_median": target,
                "active_labels_to_reach_it": reached, "per_seed_active_labels_to_reach_random_500": per_seed,
-               "seconds": round(time.perf_counter() - started, 1), "runs": results}  # fmt: skip
+               "seconds": seconds, "runs": results}  # fmt: skip
+    print(f"seeds {args.seeds}")
     print("labels  " + "  ".join(f"{s:>22}" for s in table))
     for b in BUDGETS:
         print(f"{b:6d}  " + "  ".join(f"{table[s][b]['median']:.3f} [{table[s][b]['min']:.3f}, {table[s][b]['max']:.3f}]" for s in table))
