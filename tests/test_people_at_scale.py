@@ -277,3 +277,28 @@ def test_label_select_queues_uncertain_pairs_and_keeps_a_random_share(tmp_path):
     ]:
         result = runner.invoke(main, args)
         assert result.exit_code == 2 and result.output.strip().startswith("ddpo: error: ") and message in result.output, result.output
+
+
+def test_people_and_model_asks_across_noise_with_ask_cross(tmp_path):
+    """ask = "cross": the second batch's questions pit a new sample against the last earlier one of its prompt,
+    and an answer to such a question is never taken as the FDFO pair's reward."""
+    from ddpo.preference.store import image_hash, png_bytes
+    from ddpo.rewards import build_reward
+
+    store_path = tmp_path / "labels.db"
+    reward = build_reward("people_and_model", store=str(store_path), ask="cross", refit_seconds=600)
+    first, second = rendered_pairs(2, seed=1), rendered_pairs(2, seed=2)
+    prompts = ["red circles"] * 2 + ["blue squares"] * 2
+    reward([first[0].image_a, first[0].image_b, first[1].image_a, first[1].image_b], prompts, [{}] * 4)
+    store = LabelStore(store_path)
+    assert store.num_pairs() == 2  # prompts not seen before: the FDFO pairs themselves
+    new_images = [second[0].image_a, second[0].image_b, second[1].image_a, second[1].image_b]
+    store.add_labeller("ann")
+    output = reward(new_images, prompts, [{}] * 4)
+    cross = [p for p in store.unlabelled_pairs() if p.priority == 1]
+    assert len(cross) == 2 and {p.image_b for p in cross} == {image_hash(png_bytes(first[0].image_b)), image_hash(png_bytes(first[1].image_b))}
+    for pair in cross:
+        store.record("ann", pair.id, "1")
+    output = reward(new_images, prompts, [{}] * 4)
+    assert output.info["people_share"].sum() == 0 and output.scores.tolist() == [0.0] * 4
+    reward.reward.close()
