@@ -302,3 +302,18 @@ def test_people_and_model_asks_across_noise_with_ask_cross(tmp_path):
     output = reward(new_images, prompts, [{}] * 4)
     assert output.info["people_share"].sum() == 0 and output.scores.tolist() == [0.0] * 4
     reward.reward.close()
+
+
+def test_the_report_shows_labels_per_epoch_latency_and_the_share_from_people(tmp_path):
+    from ddpo.report import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('[reward]\nname = "people_and_model"\n')
+    records = [{"epoch": e, "samples": 32 * e, "reward_mean": 0.0, "reward_std": 1.0, "reward_labels_new": 10.0 + e, "reward_people_share": 0.25,
+                "reward_model_labels": 10.0 * e, "reward_wait_seconds": 0.02, **({"reward_label_latency_seconds": 8.0} if e > 1 else {})} for e in (1, 2, 3)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = build_report(run)
+    assert "People in the loop" in page and "labels per epoch" in page and "label latency" in page and "share of pairs whose reward came from people" in page
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "reward_mean": 0.0}) + "\n")
+    assert "People in the loop" not in build_report(run)  # other runs: no such section
