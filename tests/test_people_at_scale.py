@@ -273,7 +273,7 @@ def test_label_select_queues_uncertain_pairs_and_keeps_a_random_share(tmp_path):
 
     for args, message in [
         (["label", "select", str(tmp_path / "missing.db")], "no label store at"),
-        (["label", "select", str(store.path), "--count", "0"], "--count must be at least 1"),
+        (["label", "select", str(store.path), "--count", "0"], "count must be at least 1"),
     ]:
         result = runner.invoke(main, args)
         assert result.exit_code == 2 and result.output.strip().startswith("ddpo: error: ") and message in result.output, result.output
@@ -317,3 +317,29 @@ def test_the_report_shows_labels_per_epoch_latency_and_the_share_from_people(tmp
     assert "People in the loop" in page and "labels per epoch" in page and "label latency" in page and "share of pairs whose reward came from people" in page
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "reward_mean": 0.0}) + "\n")
     assert "People in the loop" not in build_report(run)  # other runs: no such section
+
+
+def test_serve_with_select_rechooses_the_queue_as_labels_come_in(tmp_path):
+    from ddpo.cli import _start_reselection
+
+    store = LabelStore(tmp_path / "labels.db")
+    store.add_labeller("ann")
+    pool = rendered_pairs(30, seed=5)
+    ids = store.add_pairs([(p.prompt, p.image_a, p.image_b) for p in pool], source="rendered")
+    stop = _start_reselection(str(store.path), "random", 3)
+    try:
+        deadline = time.monotonic() + 30
+        while len(store.queue()) != 30:
+            assert time.monotonic() < deadline, "no queue chosen at the start"
+            time.sleep(0.1)
+        assert store.next_pair("ann").id == store.queue()[0][0]
+        for identifier in ids[:3]:
+            store.record("ann", identifier, "1")
+        while len(store.queue()) != 27:  # three new labels: chosen again, from the 27 unlabelled pairs
+            assert time.monotonic() < deadline, "the queue was not re-chosen after 3 new labels"
+            time.sleep(0.1)
+        assert not {pair for pair, _ in store.queue()} & set(ids[:3])
+    finally:
+        stop.set()
+    result = CliRunner().invoke(main, ["label", "serve", str(store.path), "--select", "bald", "--reselect-every", "0"])
+    assert result.exit_code == 2 and "--reselect-every must be at least 1" in result.output

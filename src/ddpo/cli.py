@@ -378,8 +378,12 @@ def label() -> None:
 @click.argument("store", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback, put it behind TLS.")
 @click.option("--port", default=8766, show_default=True, type=int)
-def label_serve(store: str, host: str, port: int) -> None:
+@click.option("--select", "strategy", type=click.Choice(["random", "uncertainty", "bald"]), help="Re-choose the queue while serving, as `ddpo label select` does (default: no selection).")
+@click.option("--reselect-every", default=25, show_default=True, type=int, help="With --select: re-choose after this many new labels.")
+def label_serve(store: str, host: str, port: int, strategy: str | None, reselect_every: int) -> None:
     """Serve the labelling page: a prompt, two images, keys 1 / 2 / t (tie) / s (skip) / u (undo)."""
+    if reselect_every < 1:
+        raise UserError(f"--reselect-every must be at least 1; got {reselect_every}")
     try:
         from .server.label_app import serve
     except ImportError as error:
@@ -391,7 +395,36 @@ def label_serve(store: str, host: str, port: int) -> None:
         click.echo(f"ddpo label: warning: binding {host}: tokens and labels travel unencrypted; put the app behind TLS", err=True)
     hint = "" if labellers else f"; no labellers yet: `ddpo label add-labeller {store} NAME`"
     click.echo(f"ddpo label: {store} ({progress['pairs']} pairs, {sum(progress['labels_per_labeller'].values())} labels) on http://{host}:{port}/{hint}", err=True)
+    if strategy is not None:
+        _start_reselection(store, strategy, reselect_every)
     serve(store, host, port)
+
+
+def _start_reselection(store: str, strategy: str, every: int):
+    """A daemon thread that re-chooses the app's queue (`queue_for_store`) whenever `every` new labels came in;
+    returns the event that stops it."""
+    import threading
+
+    from .preference.active import queue_for_store
+
+    def loop() -> None:
+        opened = _open_store(store)
+        done = -every  # choose once at the start
+        while not stop.is_set():
+            labels = len(opened.labels())
+            if labels - done >= every and opened.unlabelled_pairs():
+                try:
+                    reply = queue_for_store(opened, strategy)
+                    click.echo(f"ddpo label: queue re-chosen after {labels} labels: {reply['active']} active, {reply['random']} random", err=True)
+                except Exception as error:  # noqa: BLE001 - the app keeps serving the last queue
+                    click.echo(f"ddpo label: warning: re-choosing the queue failed ({error}); keeping the last one", err=True)
+                done = labels
+            stop.wait(2.0)
+        opened.close()
+
+    stop = threading.Event()
+    threading.Thread(target=loop, name="label-reselect", daemon=True).start()
+    return stop
 
 
 @label.command("add-labeller")
@@ -497,42 +530,15 @@ def label_select(store: str, strategy: str, count: int, random_share: float, fea
     labels come in; the app (which may be serving) follows the new order at once."""
     _quiet_libraries()
     import json
-    import random
 
-    import torch
+    from .preference.active import queue_for_store
+    from .preference.model import PreferenceModelError
 
-    from .preference.active import select_pairs
-    from .preference.features import unique_image_features
-    from .preference.model import MIN_COMPARISONS, PreferenceModelError, _tensors, train_preference_model
-
-    if count < 1 or not 0 <= random_share <= 1:
-        raise UserError(f"--count must be at least 1 and --random-share in [0, 1]; got {count}, {random_share}")
-    opened = _open_store(store)
-    pairs = opened.unlabelled_pairs()
-    if not pairs:
-        raise UserError(f"{store} has no unlabelled pairs to select from; add some with `ddpo label add-pairs`")
-    comparisons = [c for c in opened.comparisons() if c.choice in ("1", "2", "tie")]
-    rng = random.Random(seed)
-    model = labelled = None
     try:
-        if strategy != "random" and len(comparisons) >= MIN_COMPARISONS:
-            model, extractor, _ = train_preference_model(comparisons, features, heldout_fraction=0.0, seed=seed, l2=l2)
-            data = _tensors(comparisons, extractor)
-            labelled = (data.image_a, data.image_b, data.prompt)
-            image_features, rows = unique_image_features(extractor, [opened.image(p.image_a) for p in pairs] + [opened.image(p.image_b) for p in pairs])
-            candidates = (image_features[rows[: len(pairs)]], image_features[rows[len(pairs) :]], extractor.prompts([p.prompt for p in pairs]))
-        else:
-            candidates = tuple(torch.zeros(len(pairs), 1) for _ in range(3))
-        picks = select_pairs(strategy, count, candidates, rng=rng, model=model, labelled=labelled, l2=l2, random_share=random_share)
-        opened.set_queue([(pairs[index].id, selection) for index, selection in picks])
+        reply = queue_for_store(_open_store(store), strategy, count, random_share=random_share, features=features, l2=l2, seed=seed)
     except (PreferenceModelError, ValueError, *_label_errors()) as error:
         raise UserError(str(error)) from error
-    fell_back = strategy != "random" and model is None
-    click.echo(json.dumps({
-        "strategy": "random" if fell_back else strategy, "queued": len(picks), "unlabelled": len(pairs),
-        "active": sum(selection == "active" for _, selection in picks), "random": sum(selection == "random" for _, selection in picks),
-        **({"note": f"fewer than {MIN_COMPARISONS} labels: chosen at random until there are enough to fit a model"} if fell_back else {}),
-    }))  # fmt: skip
+    click.echo(json.dumps(reply))
 
 
 @main.group()

@@ -84,4 +84,43 @@ def uncertain_pairs(model: BradleyTerryModel, labelled: tuple[torch.Tensor, torc
     return greedy_most_uncertain(jacobian, covariance, probability * (1 - probability), k, mean=margin if information else None)
 
 
-__all__ = ["ACTIVE", "RANDOM", "STRATEGIES", "margin_posterior_covariance", "select_pairs", "uncertain_pairs"]
+def queue_for_store(store, strategy: str = "bald", count: int = 100, *, random_share: float = 0.2, features: str = "shapes-describer", l2: float = 3e-2, seed: int = 0) -> dict:
+    """Fit a preference model on `store`'s labels, choose `count` of its unlabelled pairs and write them as the
+    queue the app shows next (`LabelStore.set_queue`); returns what `ddpo label select` prints. With fewer than
+    MIN_COMPARISONS labels it chooses at random and says so.
+
+    Raises:
+        LabelStoreError: no unlabelled pairs. ValueError: a bad strategy, count or share.
+    """
+    from .features import unique_image_features
+    from .model import MIN_COMPARISONS, _tensors, train_preference_model
+    from .store import LabelStoreError
+
+    if count < 1 or not 0 <= random_share <= 1:
+        raise ValueError(f"count must be at least 1 and random_share in [0, 1]; got {count}, {random_share}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"pair selection {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    pairs = store.unlabelled_pairs()
+    if not pairs:
+        raise LabelStoreError(f"{store.path} has no unlabelled pairs to select from; add some with `ddpo label add-pairs`")
+    comparisons = [c for c in store.comparisons() if c.choice in ("1", "2", "tie")]
+    model = labelled = None
+    if strategy != "random" and len(comparisons) >= MIN_COMPARISONS:
+        model, extractor, _ = train_preference_model(comparisons, features, heldout_fraction=0.0, seed=seed, l2=l2)
+        data = _tensors(comparisons, extractor)
+        labelled = (data.image_a, data.image_b, data.prompt)
+        image_features, rows = unique_image_features(extractor, [store.image(p.image_a) for p in pairs] + [store.image(p.image_b) for p in pairs])
+        candidates = (image_features[rows[: len(pairs)]], image_features[rows[len(pairs) :]], extractor.prompts([p.prompt for p in pairs]))
+    else:
+        candidates = tuple(torch.zeros(len(pairs), 1) for _ in range(3))
+    picks = select_pairs(strategy, count, candidates, rng=random.Random(seed), model=model, labelled=labelled, l2=l2, random_share=random_share)
+    store.set_queue([(pairs[index].id, selection) for index, selection in picks])
+    fell_back = strategy != "random" and model is None
+    return {
+        "strategy": "random" if fell_back else strategy, "queued": len(picks), "unlabelled": len(pairs), "labels": len(comparisons),
+        "active": sum(selection == ACTIVE for _, selection in picks), "random": sum(selection == RANDOM for _, selection in picks),
+        **({"note": f"fewer than {MIN_COMPARISONS} labels: chosen at random until there are enough to fit a model"} if fell_back else {}),
+    }  # fmt: skip
+
+
+__all__ = ["ACTIVE", "RANDOM", "STRATEGIES", "margin_posterior_covariance", "queue_for_store", "select_pairs", "uncertain_pairs"]

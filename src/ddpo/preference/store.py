@@ -303,6 +303,10 @@ class LabelStore:
                 [(identifier, rank, selection) for rank, (identifier, selection) in enumerate(ordered)],
             )
 
+    def queue(self) -> list[tuple[str, str]]:
+        """The last pair selection's queue, in order: (pair id, "random" or "active")."""
+        return [tuple(row) for row in self._query("SELECT pair, selection FROM queue WHERE rank < 1000000000 ORDER BY rank")]
+
     def selections(self) -> dict[str, str]:
         """How each queued pair was chosen: pair id -> "random" or "active" (a pair once drawn at random stays
         "random": it is part of the unbiased sample held-out accuracy is measured on)."""
