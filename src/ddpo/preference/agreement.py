@@ -1,7 +1,7 @@
 """How far each labeller can be trusted: agreement with the other labellers' majority and with a preference model.
 
 - Majority: on each pair a labeller answered "1" or "2", the majority of the *other* labellers' 1s and 2s (a
-  leave-one-out vote, `ddpo.rewards.preference.vote`; split votes and pairs nobody else decided are not
+  leave-one-out `vote`; split votes and pairs nobody else decided are not
   compared). A labeller who is counted in their own majority would agree with it more than they deserve.
 - Model: on each pair a labeller decided, whether the preference model scores their chosen image higher.
 
@@ -56,8 +56,10 @@ class LabellerAgreement:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def _vote(choices: Sequence[str]) -> int:
-    balance = choices.count("1") - choices.count("2")
+def vote(choices: Sequence[str]) -> int:
+    """+1 when more labellers chose the first image than the second, -1 for the reverse, 0 otherwise (ties,
+    skips, no labels, or a split vote)."""
+    balance = list(choices).count("1") - list(choices).count("2")
     return (balance > 0) - (balance < 0)
 
 
@@ -75,7 +77,7 @@ def labeller_agreement(labels: Sequence[Label], model_prefers_first: Mapping[str
             if label.choice not in ("1", "2"):
                 continue
             mine = 1 if label.choice == "1" else -1
-            others = _vote([other.choice for other in by_pair[label.pair] if other.labeller != name])
+            others = vote([other.choice for other in by_pair[label.pair] if other.labeller != name])
             if others:
                 compared_majority += 1
                 agree_majority += others == mine
@@ -118,4 +120,4 @@ def model_margins(store, model_path: str) -> dict[str, float]:
     return margins
 
 
-__all__ = ["CHANCE", "MIN_COMPARED", "LabellerAgreement", "labeller_agreement", "model_margins", "wilson_interval"]
+__all__ = ["CHANCE", "MIN_COMPARED", "LabellerAgreement", "labeller_agreement", "model_margins", "vote", "wilson_interval"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ddpo.preference.agreement import vote
 from ddpo.rewards.base import Reward, RewardError, RewardOutput, register_reward
 
 
@@ -54,11 +55,6 @@ def preference(path: str) -> Reward:
     return reward
 
 
-def vote(choices: list[str]) -> int:
-    """+1 when more labellers chose the first image than the second, -1 for the reverse, 0 otherwise (ties,
-    skips, no labels, or a split vote)."""
-    balance = choices.count("1") - choices.count("2")
-    return (balance > 0) - (balance < 0)
 
 
 class HumanChoice:
