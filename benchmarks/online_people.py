@@ -85,7 +85,8 @@ def run(seed: int, workdir: Path, args, *, labeller: bool) -> dict:
         "seed": seed, "labeller": labeller, "wall_seconds": round(wall, 1), "labels": len(labels),
         "tie_share": choices.count("tie") / len(choices) if choices else None,
         "epoch_seconds": [round(m["sample_seconds"] + m["train_seconds"] + m["reward_wait_seconds"], 2) for m in metrics],
-        "reward_wait_seconds": [round(m["reward_wait_seconds"], 3) for m in metrics],
+        "reward_wait_seconds": [round(m["reward_wait_seconds"], 3) for m in metrics],  # the trainer's wait for the reward
+        "reward_call_seconds": [m.get("reward_call_seconds") for m in metrics],  # the reward call's duration
         "labels_per_epoch": [m.get("reward_labels_new") for m in metrics],
         "label_latency_seconds": [m.get("reward_label_latency_seconds") for m in metrics],
         "people_share": [m.get("reward_people_share") for m in metrics],

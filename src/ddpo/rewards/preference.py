@@ -20,7 +20,7 @@ with `sample.num_batches_per_epoch = 1` all of an epoch's pairs are queued at on
   `ask = "cross"` asks instead about a sample against an earlier sample of its prompt from other noise (the
   FDFO pair for a prompt not seen before), which teaches the preference model more than FDFO's near-identical
   pairs; only answers about FDFO pairs themselves can be a pair's reward directly. Reports per call `labels_new`, `label_latency_seconds`,
-  `people_share` (pairs whose reward came from people), `model_labels` and `model_refits`.
+  `people_share` (pairs whose reward came from people), `model_labels`, `model_refits` and `call_seconds`.
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ class PeopleAndModel:
             "labels_new": np.float32(len(latencies)),
             "model_labels": np.float32(self.model_labels),
             "model_refits": np.float32(self.model_refits),
-            "wait_seconds": np.float32(time.monotonic() - started),
+            # Not "wait_seconds": that key would replace the trainer's own reward_wait_seconds in metrics.jsonl.
+            "call_seconds": np.float32(time.monotonic() - started),
         }
         if latencies:  # left out, not NaN, when no label arrived since the last call
             info["label_latency_seconds"] = np.float32(np.mean(latencies))
