@@ -273,9 +273,12 @@ def test_label_select_queues_uncertain_pairs_and_keeps_a_random_share(tmp_path):
     for args, message in [
         (["label", "select", str(tmp_path / "missing.db")], "no label store at"),
         (["label", "select", str(store.path), "--count", "0"], "count must be at least 1"),
+        (["label", "select", str(store.path), "--strategy", "smart"], "pair selection 'smart' is not one of random, uncertainty, bald"),
+        (["label", "serve", str(store.path), "--select", "smart"], "--select 'smart' is not one of"),
+        (["preference", "train", str(store.path), "--out", str(tmp_path / "x.safetensors"), "--ties", "maybe"], "ties 'maybe' is not one of half, davidson"),
     ]:
         result = runner.invoke(main, args)
-        assert result.exit_code == 2 and result.output.strip().startswith("ddpo: error: ") and message in result.output, result.output
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1 and result.output.startswith("ddpo: error: ") and message in result.output, result.output
 
 
 def test_people_and_model_asks_across_noise_with_ask_cross(tmp_path):

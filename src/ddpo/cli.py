@@ -378,12 +378,14 @@ def label() -> None:
 @click.argument("store", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback, put it behind TLS.")
 @click.option("--port", default=8766, show_default=True, type=int)
-@click.option("--select", "strategy", type=click.Choice(["random", "uncertainty", "bald"]), help="Re-choose the queue while serving, as `ddpo label select` does (default: no selection).")
+@click.option("--select", "strategy", help="random, uncertainty or bald: re-choose the queue while serving, as `ddpo label select` does (default: no selection).")
 @click.option("--reselect-every", default=25, show_default=True, type=int, help="With --select: re-choose after this many new labels.")
 def label_serve(store: str, host: str, port: int, strategy: str | None, reselect_every: int) -> None:
     """Serve the labelling page: a prompt, two images, keys 1 / 2 / t (tie) / s (skip) / u (undo)."""
     if reselect_every < 1:
         raise UserError(f"--reselect-every must be at least 1; got {reselect_every}")
+    if strategy is not None and strategy not in ("random", "uncertainty", "bald"):
+        raise UserError(f"--select {strategy!r} is not one of random, uncertainty, bald")
     try:
         from .server.label_app import serve
     except ImportError as error:
@@ -518,7 +520,7 @@ def label_status(store: str, model_path: str | None) -> None:
 
 @label.command("select")
 @click.argument("store", type=click.Path())
-@click.option("--strategy", default="bald", show_default=True, type=click.Choice(["random", "uncertainty", "bald"]), help="How to choose: at random, or what the preference model is least sure of.")
+@click.option("--strategy", default="bald", show_default=True, help="random, uncertainty or bald: at random, or what the preference model is least sure of.")
 @click.option("--count", default=100, show_default=True, type=int, help="Pairs to queue (the rest keep their order behind them).")
 @click.option("--random-share", default=0.2, show_default=True, type=float, help="Share of the queue drawn at random (held-out material: `ddpo preference train --heldout-random-only`).")
 @click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL'.")
@@ -553,7 +555,7 @@ def preference() -> None:
 @click.option("--heldout", default=0.2, show_default=True, type=float, help="Fraction of pairs held out to measure pairwise accuracy.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--l2", default=3e-2, show_default=True, type=float, help="L2 penalty on the weights (more: less confident, less overfit).")
-@click.option("--ties", default="half", show_default=True, type=click.Choice(["half", "davidson"]), help="A tie as a target of 1/2, or as Davidson's third outcome.")
+@click.option("--ties", default="half", show_default=True, help="half or davidson: a tie as a target of 1/2, or as Davidson's third outcome.")
 @click.option("--heldout-random-only", is_flag=True, help="Hold out only pairs `ddpo label select` drew at random (unbiased under active selection).")
 def preference_train(store: str, out: str, features: str, heldout: float, seed: int, l2: float, ties: str, heldout_random_only: bool) -> None:
     """Fit a Bradley-Terry model on STORE's labels; prints the held-out pairwise accuracy (JSON)."""
