@@ -55,7 +55,8 @@ def select_pairs(
         return [(i, RANDOM) for i in order[:k]]
     num_random = sum(rng.random() < random_share for _ in range(k))
     chosen_random = order[:num_random]
-    rest = [i for i in range(count) if i not in set(chosen_random)]
+    taken = set(chosen_random)
+    rest = [i for i in range(count) if i not in taken]
     active = uncertain_pairs(model, labelled, tuple(t[rest] for t in candidates), k - num_random, l2=l2, information=strategy == "bald")
     picks = [(rest[i], ACTIVE) for i in active] + [(i, RANDOM) for i in chosen_random]
     rng.shuffle(picks)  # interleave, so that a labeller who stops early has answered both kinds
