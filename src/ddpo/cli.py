@@ -541,8 +541,14 @@ def label() -> None:
 @click.argument("store", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback, put it behind TLS.")
 @click.option("--port", default=8766, show_default=True, type=int)
-def label_serve(store: str, host: str, port: int) -> None:
+@click.option("--select", "strategy", help="random, uncertainty or bald: re-choose the queue while serving, as `ddpo label select` does (default: no selection).")
+@click.option("--reselect-every", default=25, show_default=True, type=int, help="With --select: re-choose after this many new labels.")
+def label_serve(store: str, host: str, port: int, strategy: str | None, reselect_every: int) -> None:
     """Serve the labelling page: a prompt, two images, keys 1 / 2 / t (tie) / s (skip) / u (undo)."""
+    if reselect_every < 1:
+        raise UserError(f"--reselect-every must be at least 1; got {reselect_every}")
+    if strategy is not None and strategy not in ("random", "uncertainty", "bald"):
+        raise UserError(f"--select {strategy!r} is not one of random, uncertainty, bald")
     try:
         from .server.label_app import serve
     except ImportError as error:
@@ -554,7 +560,36 @@ def label_serve(store: str, host: str, port: int) -> None:
         click.echo(f"ddpo label: warning: binding {host}: tokens and labels travel unencrypted; put the app behind TLS", err=True)
     hint = "" if labellers else f"; no labellers yet: `ddpo label add-labeller {store} NAME`"
     click.echo(f"ddpo label: {store} ({progress['pairs']} pairs, {sum(progress['labels_per_labeller'].values())} labels) on http://{host}:{port}/{hint}", err=True)
+    if strategy is not None:
+        _start_reselection(store, strategy, reselect_every)
     serve(store, host, port)
+
+
+def _start_reselection(store: str, strategy: str, every: int):
+    """A daemon thread that re-chooses the app's queue (`queue_for_store`) whenever `every` new labels came in;
+    returns the event that stops it."""
+    import threading
+
+    from .preference.active import queue_for_store
+
+    def loop() -> None:
+        opened = _open_store(store)
+        done = -every  # choose once at the start
+        while not stop.is_set():
+            labels = len(opened.labels())
+            if labels - done >= every and opened.unlabelled_pairs():
+                try:
+                    reply = queue_for_store(opened, strategy)
+                    click.echo(f"ddpo label: queue re-chosen after {labels} labels: {reply['active']} active, {reply['random']} random", err=True)
+                except Exception as error:  # noqa: BLE001 - the app keeps serving the last queue
+                    click.echo(f"ddpo label: warning: re-choosing the queue failed ({error}); keeping the last one", err=True)
+                done = labels
+            stop.wait(2.0)
+        opened.close()
+
+    stop = threading.Event()
+    threading.Thread(target=loop, name="label-reselect", daemon=True).start()
+    return stop
 
 
 @label.command("add-labeller")
@@ -620,11 +655,55 @@ def label_import(store: str, jsonl: str) -> None:
 
 @label.command("status")
 @click.argument("store", type=click.Path())
-def label_status(store: str) -> None:
-    """Pairs, labelled pairs and labels per labeller (JSON)."""
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), help="A preference model: also each labeller's agreement with it.")
+def label_status(store: str, model_path: str | None) -> None:
+    """Pairs, labels per labeller, and each labeller's agreement with the others' majority (and with --model);
+    a labeller whose agreement is at chance is flagged (JSON; a warning line on stderr)."""
     import json
 
-    click.echo(json.dumps(_open_store(store).progress(), indent=2))
+    from .preference.agreement import labeller_agreement, model_margins
+
+    opened = _open_store(store)
+    margins = None
+    if model_path is not None:
+        _quiet_libraries()
+        from .preference.model import PreferenceModelError
+
+        try:
+            margins = model_margins(opened, model_path)
+        except (PreferenceModelError, *_label_errors()) as error:
+            raise UserError(str(error)) from error
+    agreement = labeller_agreement(opened.labels(), margins)
+    click.echo(json.dumps({**opened.progress(), "labellers": [a.as_dict() for a in agreement]}, indent=2))
+    for flagged in (a for a in agreement if a.at_chance):
+        majority = flagged.judged_against == "majority"
+        reference, share = ("the others' majority", flagged.majority_agreement) if majority else ("the preference model", flagged.model_agreement)
+        click.echo(f"ddpo label: warning: {flagged.labeller} agrees with {reference} on {share:.0%} of their answers: at chance; check their labels before training on them", err=True)
+
+
+@label.command("select")
+@click.argument("store", type=click.Path())
+@click.option("--strategy", default="bald", show_default=True, help="random, uncertainty or bald: at random, or what the preference model is least sure of.")
+@click.option("--count", default=100, show_default=True, type=int, help="Pairs to queue (the rest keep their order behind them).")
+@click.option("--random-share", default=0.2, show_default=True, type=float, help="Share of the queue drawn at random (held-out material: `ddpo preference train --heldout-random-only`).")
+@click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL'.")
+@click.option("--l2", default=3e-2, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+def label_select(store: str, strategy: str, count: int, random_share: float, features: str, l2: float, seed: int) -> None:
+    """Choose which unlabelled pairs the app shows next: fit a preference model on the labels so far and queue the
+    pairs whose answers would teach it most (active selection), with a share drawn at random. Run it again as
+    labels come in; the app (which may be serving) follows the new order at once."""
+    _quiet_libraries()
+    import json
+
+    from .preference.active import queue_for_store
+    from .preference.model import PreferenceModelError
+
+    try:
+        reply = queue_for_store(_open_store(store), strategy, count, random_share=random_share, features=features, l2=l2, seed=seed)
+    except (PreferenceModelError, ValueError, *_label_errors()) as error:
+        raise UserError(str(error)) from error
+    click.echo(json.dumps(reply))
 
 
 @main.group()
@@ -639,7 +718,9 @@ def preference() -> None:
 @click.option("--heldout", default=0.2, show_default=True, type=float, help="Fraction of pairs held out to measure pairwise accuracy.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--l2", default=3e-2, show_default=True, type=float, help="L2 penalty on the weights (more: less confident, less overfit).")
-def preference_train(store: str, out: str, features: str, heldout: float, seed: int, l2: float) -> None:
+@click.option("--ties", default="half", show_default=True, help="half or davidson: a tie as a target of 1/2, or as Davidson's third outcome.")
+@click.option("--heldout-random-only", is_flag=True, help="Hold out only pairs `ddpo label select` drew at random (unbiased under active selection).")
+def preference_train(store: str, out: str, features: str, heldout: float, seed: int, l2: float, ties: str, heldout_random_only: bool) -> None:
     """Fit a Bradley-Terry model on STORE's labels; prints the held-out pairwise accuracy (JSON)."""
     _quiet_libraries()
     import json
@@ -648,7 +729,9 @@ def preference_train(store: str, out: str, features: str, heldout: float, seed: 
     from .preference.model import PreferenceModelError, save_preference_model, train_preference_model
 
     try:
-        model, _, report = train_preference_model(_open_store(store).comparisons(), features, heldout_fraction=heldout, seed=seed, l2=l2)
+        opened = _open_store(store)
+        candidates = {pair for pair, selection in opened.selections().items() if selection == "random"} if heldout_random_only else None
+        model, _, report = train_preference_model(opened.comparisons(), features, heldout_fraction=heldout, seed=seed, l2=l2, ties=ties, heldout_candidates=candidates)
         save_preference_model(model, report, out)
     except (PreferenceModelError, ValueError, *_label_errors()) as error:
         raise UserError(str(error)) from error

@@ -383,6 +383,27 @@ def _training_section(data: RunData) -> str:
     return f'<div class="row">{"".join(figures)}</div>'
 
 
+PEOPLE_METRICS = (
+    ("reward_labels_new", "labels per epoch"),
+    ("reward_label_latency_seconds", "label latency (s, pair queued to labelled)"),
+    ("reward_people_share", "share of pairs whose reward came from people"),
+    ("reward_model_labels", "labels the preference model was fitted on"),
+    ("reward_wait_seconds", "seconds training waited for the reward"),
+)
+
+
+def _people_section(data: RunData) -> str | None:
+    """Charts of the people-in-the-loop metrics (`people_and_model`), or None for a run without them."""
+    if not any("reward_labels_new" in r for r in data.metrics):
+        return None
+    epochs = [r.get("epoch") for r in data.metrics]
+    figures = [
+        _figure(render_chart(Chart(label, "epoch", [Series(key, epochs, [r.get(key, math.nan) for r in data.metrics])], empty_note=f"{key} not recorded"), width=330, height=220))
+        for key, label in PEOPLE_METRICS
+    ]
+    return f'<div class="row">{"".join(figures)}</div>'
+
+
 def _monitor_section(data: RunData) -> str:
     records = data.monitor
     if not records:
@@ -531,6 +552,7 @@ def build_report(run_dir: str | Path) -> str:
         _summary(data),
         _section("Reward", _reward_section(data), "reward"),
         _section("Policy update", _training_section(data), "update"),
+        _section("People in the loop", people, "people") if (people := _people_section(data)) else "",
         _section("Held-out evaluation and over-optimization", _monitor_section(data), "overoptimization"),
         _section("Per-prompt reward", _prompt_section(data), "prompts"),
         _section("Same prompts, same seeds, epoch after epoch", strips, "strips"),

@@ -9,13 +9,15 @@ a linear score of the standardised frozen image features g plus a rank-r interac
 features h (so that what is preferred may depend on what was asked). It is fitted by minimising the
 cross-entropy of sigmoid(s_a - s_b) against the labels (1 for "1", 0 for "2", 1/2 for a tie; skips carry no
 preference and are left out) with an L2 penalty, the reward model of RLHF (Ouyang et al. 2022, Sec. 3.5) on
-features instead of a fine-tuned network. Pairs, not labels, are split into training and held-out sets, so
+features instead of a fine-tuned network. With `ties="davidson"` a tie is its own outcome (Davidson 1970: a softmax
+over d/2, -d/2 and a learned log nu; `ddpo.preference.bradley_terry`) instead of a target of 1/2. Pairs, not labels, are split into training and held-out sets, so
 that two labellers' votes on one pair never straddle the split. As a reward (`preference:PATH`), s is the
 score.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -27,6 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .bradley_terry import davidson_nll
 from .features import FeatureExtractor, build_features, unique_image_features
 from .store import Comparison
 
@@ -34,6 +37,8 @@ FORMAT = "ddpo-preference-model"
 FORMAT_VERSION = "1"
 TARGETS = {"1": 1.0, "2": 0.0, "tie": 0.5}
 MIN_COMPARISONS = 10
+TIE_MODELS = ("half", "davidson")
+"""How a tie enters the fit: as a target of 1/2 in the Bradley-Terry cross-entropy, or as Davidson's third outcome."""
 
 
 class PreferenceModelError(ValueError):
@@ -73,6 +78,9 @@ class TrainingReport:
     heldout_log_loss: float | None
     train_accuracy: float
     seed: int
+    ties: str = "half"
+    tie_log_nu: float | None = None
+    """Davidson's log nu (with ties="davidson"): at equal strengths a tie has probability nu / (2 + nu)."""
 
 
 @dataclass
@@ -106,18 +114,60 @@ def _accuracy(margins: torch.Tensor, target: torch.Tensor) -> tuple[float | None
     return float(correct.float().mean()), int(decided.sum())
 
 
-def fit(model: BradleyTerryModel, data: _Data, *, steps: int, lr: float, l2: float) -> None:
-    """Full-batch Adam on the Bradley-Terry cross-entropy + l2 * ||weights||^2; standardisation from `data`."""
+def fit(model: BradleyTerryModel, data: _Data, *, steps: int, lr: float, l2: float, ties: str = "half") -> float | None:
+    """Full-batch Adam on the Bradley-Terry cross-entropy (ties="half") or Davidson's likelihood (ties="davidson",
+    with a learned log nu, which is returned) + l2 * ||weights||^2; standardisation from `data`."""
+    if ties not in TIE_MODELS:
+        raise PreferenceModelError(f"ties {ties!r} is not one of {', '.join(TIE_MODELS)}")
+    with _one_thread():
+        return _fit(model, data, steps=steps, lr=lr, l2=l2, ties=ties)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The fit's tensors are tiny: torch's intra-op threads only wait on each other, and on a busy machine badly
+    (400 steps on 60 pairs: 35 s with 2 threads, 1.4 s with 1, on a 2-core machine with load 7). torch's thread
+    count is per process, so whatever else the process runs meanwhile runs on one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(model: BradleyTerryModel, data: _Data, *, steps: int, lr: float, l2: float, ties: str) -> float | None:
     stacked = torch.cat([data.image_a, data.image_b])
     model.image_mean.copy_(stacked.mean(0))
-    model.image_std.copy_(stacked.std(0).clamp_min(1e-4))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.image_std.copy_(stacked.std(0).clamp_min(1e-4) if len(stacked) > 1 else torch.ones_like(stacked[0]))
+    log_nu = torch.zeros((), requires_grad=True)
+    # Targets 1 / 0 / 1/2 as indices into bradley_terry.OUTCOMES ("1", "2", "tie").
+    outcomes = torch.where(data.target == 1.0, 0, torch.where(data.target == 0.0, 1, 2)) if ties == "davidson" else None
+    optimizer = torch.optim.Adam([*model.parameters(), log_nu] if outcomes is not None else model.parameters(), lr=lr)
     for _ in range(steps):
-        loss = nn.functional.binary_cross_entropy_with_logits(_margins(model, data), data.target)
+        margins = _margins(model, data)
+        if outcomes is None:
+            loss = nn.functional.binary_cross_entropy_with_logits(margins, data.target)
+        else:
+            loss = davidson_nll(margins, outcomes, log_nu)
         loss = loss + l2 * sum(p.pow(2).sum() for p in model.parameters())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return float(log_nu.detach()) if outcomes is not None else None
+
+
+def margin_jacobian(model: BradleyTerryModel, image_a: torch.Tensor, image_b: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """d(s_a - s_b)/d(theta) for each pair, theta = (w, A, B) flattened in `model.parameters()` order: (n, p).
+
+    With delta = g_a - g_b the margin is w . delta + (A delta) . (B h), so its gradient is delta for w,
+    outer(B h, delta) for A and outer(A delta, h) for B (checked against autograd in the tests)."""
+    delta = (image_a - image_b) / model.image_std
+    with torch.no_grad():
+        projected_prompt = model.prompt_factor(prompt)
+        projected_delta = model.image_factor(delta)
+    n = len(delta)
+    return torch.cat([delta, (projected_prompt[:, :, None] * delta[:, None, :]).reshape(n, -1), (projected_delta[:, :, None] * prompt[:, None, :]).reshape(n, -1)], dim=1)
 
 
 def train_preference_model(
@@ -130,8 +180,12 @@ def train_preference_model(
     steps: int = 400,
     lr: float = 1e-2,
     l2: float = 3e-2,
+    ties: str = "half",
+    heldout_candidates: set[str] | None = None,
 ) -> tuple[BradleyTerryModel, FeatureExtractor, TrainingReport]:
-    """Fit on a random (1 - heldout_fraction) of the labelled pairs, report pairwise accuracy on the rest.
+    """Fit on a random (1 - heldout_fraction) of the labelled pairs, report pairwise accuracy on the rest. With
+    `heldout_candidates` (e.g. the pairs an active selection drew at random), only those pairs may be held out:
+    heldout_fraction of them are, so that the accuracy is one on a random sample, not on the hardest pairs.
 
     Raises:
         PreferenceModelError: fewer than `MIN_COMPARISONS` comparisons, or a held-out fraction outside [0, 1).
@@ -143,14 +197,15 @@ def train_preference_model(
         raise PreferenceModelError(f"held-out fraction {heldout_fraction} must be in [0, 1)")
     extractor = build_features(features) if isinstance(features, str) else features
     pairs = sorted({c.pair for c in comparisons})
-    random.Random(seed).shuffle(pairs)
-    heldout_pairs = set(pairs[: round(heldout_fraction * len(pairs))])
+    eligible = pairs if heldout_candidates is None else [pair for pair in pairs if pair in heldout_candidates]
+    random.Random(seed).shuffle(eligible)
+    heldout_pairs = set(eligible[: round(heldout_fraction * len(eligible))])
     train_rows = [i for i, c in enumerate(comparisons) if c.pair not in heldout_pairs]
     heldout_rows = [i for i, c in enumerate(comparisons) if c.pair in heldout_pairs]
     data = _tensors(comparisons, extractor)
     torch.manual_seed(seed)
     model = BradleyTerryModel(data.image_a.shape[1], data.prompt.shape[1], rank)
-    fit(model, data.select(train_rows), steps=steps, lr=lr, l2=l2)
+    tie_log_nu = fit(model, data.select(train_rows), steps=steps, lr=lr, l2=l2, ties=ties)
     model.eval()
     with torch.no_grad():
         train_accuracy, _ = _accuracy(_margins(model, data.select(train_rows)), data.target[train_rows])
@@ -164,6 +219,7 @@ def train_preference_model(
         features=extractor.name, comparisons=len(comparisons), pairs=len(pairs), train_comparisons=len(train_rows),
         heldout_comparisons=len(heldout_rows), heldout_decided=decided, heldout_accuracy=heldout_accuracy,
         heldout_log_loss=log_loss, train_accuracy=train_accuracy if train_accuracy is not None else float("nan"), seed=seed,
+        ties=ties, tie_log_nu=tie_log_nu,
     )  # fmt: skip
     return model, extractor, report
 

@@ -4,6 +4,7 @@
     pairs     (id, prompt, image_a, image_b, source, ...)   what is shown: a prompt and two images
     labellers (name, token_hash)                            who may label; tokens are stored as sha256 only
     labels    (id, pair, labeller, choice, created, image_a, image_b, undone)
+    queue     (pair, rank, selection)                       the order a pair selection chose (`ddpo label select`)
 
 A choice is "1" (the first image is better), "2" (the second), "tie" or "skip". Every label is written in its
 own transaction before the caller hears back (WAL journal, synchronous=FULL), so a server killed at any moment
@@ -70,6 +71,11 @@ CREATE TABLE IF NOT EXISTS labels (
 );
 CREATE INDEX IF NOT EXISTS labels_by_pair ON labels(pair);
 CREATE INDEX IF NOT EXISTS labels_by_labeller ON labels(labeller, created);
+CREATE TABLE IF NOT EXISTS queue (
+    pair TEXT PRIMARY KEY REFERENCES pairs(id),
+    rank INTEGER NOT NULL,
+    selection TEXT NOT NULL
+);
 """
 
 
@@ -270,14 +276,49 @@ class LabelStore:
 
     def next_pair(self, labeller: str) -> Pair | None:
         """The pair to show `labeller` next: one they have not labelled, highest priority first (the online
-        trainer's pairs), then those with the fewest labels from anyone, then the oldest."""
+        trainer's pairs), then in the order of the last pair selection (`set_queue`), then those with the fewest
+        labels from anyone, then the oldest."""
         rows = self._query(
-            "SELECT p.id, p.prompt, p.image_a, p.image_b, p.source, p.batch, p.priority, p.metadata FROM pairs p "
+            "SELECT p.id, p.prompt, p.image_a, p.image_b, p.source, p.batch, p.priority, p.metadata FROM pairs p LEFT JOIN queue q ON q.pair = p.id "
             "WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair = p.id AND l.labeller = ? AND l.undone IS NULL) "
-            "ORDER BY p.priority DESC, (SELECT COUNT(*) FROM labels l WHERE l.pair = p.id AND l.undone IS NULL) ASC, p.seq ASC LIMIT 1",
+            "ORDER BY p.priority DESC, q.rank IS NULL, q.rank ASC, (SELECT COUNT(*) FROM labels l WHERE l.pair = p.id AND l.undone IS NULL) ASC, p.seq ASC LIMIT 1",
             (labeller,),
         )
         return _pair(rows[0]) if rows else None
+
+    def set_queue(self, ordered: Sequence[tuple[str, str]], *, replace: bool = True) -> None:
+        """Queue (pair id, selection) in this order, ahead of unqueued pairs of the same priority; `selection`
+        says how it was chosen ("random" or "active", `ddpo.preference.active`). `replace` drops the previous
+        order's ranks (its tags stay, so a held-out set of randomly chosen pairs survives reselection)."""
+        with self._transaction() as connection:
+            known = {row[0] for row in connection.execute("SELECT id FROM pairs")}
+            missing = [identifier for identifier, _ in ordered if identifier not in known]
+            if missing:
+                raise LabelStoreError(f"no pair {missing[0]!r} in {self.path}")
+            if replace:
+                connection.execute("UPDATE queue SET rank = 1000000000 + rank WHERE rank < 1000000000")
+            connection.executemany(
+                "INSERT INTO queue(pair, rank, selection) VALUES (?, ?, ?) ON CONFLICT(pair) DO UPDATE SET rank = excluded.rank, "
+                "selection = CASE WHEN queue.selection = 'random' THEN 'random' ELSE excluded.selection END",
+                [(identifier, rank, selection) for rank, (identifier, selection) in enumerate(ordered)],
+            )
+
+    def queue(self) -> list[tuple[str, str]]:
+        """The last pair selection's queue, in order: (pair id, "random" or "active")."""
+        return [tuple(row) for row in self._query("SELECT pair, selection FROM queue WHERE rank < 1000000000 ORDER BY rank")]
+
+    def selections(self) -> dict[str, str]:
+        """How each queued pair was chosen: pair id -> "random" or "active" (a pair once drawn at random stays
+        "random": it is part of the unbiased sample held-out accuracy is measured on)."""
+        return dict(self._query("SELECT pair, selection FROM queue"))
+
+    def unlabelled_pairs(self) -> list[Pair]:
+        """Pairs with no current label from anyone, oldest first."""
+        rows = self._query(
+            "SELECT p.id, p.prompt, p.image_a, p.image_b, p.source, p.batch, p.priority, p.metadata FROM pairs p "
+            "WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair = p.id AND l.undone IS NULL) ORDER BY p.seq"
+        )
+        return [_pair(row) for row in rows]
 
     # ---- labels -------------------------------------------------------------------------------------------
     def record(self, labeller: str, pair: str, choice: str) -> Label:
@@ -324,6 +365,12 @@ class LabelStore:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._query(f"SELECT id, pair, labeller, choice, created, image_a, image_b, undone FROM labels {clause} ORDER BY created, rowid", parameters)
         return [Label(*row) for row in rows]
+
+    def label_latencies(self, since: float) -> list[float]:
+        """Seconds from a pair entering the store to each current label on it made after time `since`, in the
+        order the labels were made (the online reward's label latency)."""
+        rows = self._query("SELECT l.created - p.created FROM labels l JOIN pairs p ON p.id = l.pair WHERE l.undone IS NULL AND l.created > ? ORDER BY l.created", (since,))
+        return [row[0] for row in rows]
 
     def choices(self, pairs: Sequence[str]) -> dict[str, list[str]]:
         """The current (not undone) choices on each of `pairs`, from every labeller."""

@@ -128,3 +128,36 @@ def serve(store_path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     import uvicorn
 
     uvicorn.run(create_label_app(store_path), host=host, port=port, log_level=log_level, access_log=False)
+
+
+class ServedInThread:
+    """The app on uvicorn in a thread of this process, for experiments and tests: `with ServedInThread(store) as
+    server: ... server.url ...`."""
+
+    def __init__(self, store_path: str | Path, host: str = DEFAULT_HOST) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_label_app(store_path), host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServedInThread":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the label app did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
