@@ -302,13 +302,7 @@ def sample(
         raise ValueError("sample() needs at least one prompt")
     model, checkpoint_dir, run_config = _checkpoint_and_config(model_or_run, checkpoint)
     config = run_config or Config()
-    sampling = SamplingOptions(
-        num_steps=num_steps or config.sample.num_steps,
-        eta=config.sample.eta if eta is None else eta,
-        guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
-        height=config.sample.height,
-        width=config.sample.width,
-    )
+    sampling = SamplingOptions.from_config(config.sample, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
     policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)
     cells = [(p, seed + i) for p in prompts for i in range(n)]
     generators = [torch.Generator().manual_seed(s) for _, s in cells]

@@ -214,14 +214,7 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
         run_config = _run_config(lora)
         config = run_config or Config()  # sample as the run trained
         model = model or (config.model.pretrained if run_config else "shapes")
-        sampling = SamplingOptions(
-            num_steps=num_steps or config.sample.num_steps,
-            eta=config.sample.eta if eta is None else eta,
-            guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
-            height=config.sample.height,
-            width=config.sample.width,
-            num_frames=config.sample.num_frames,
-        )
+        sampling = SamplingOptions.from_config(config.sample, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
         if rl_scale is not None and checkpoint_dir is None:
             raise UserError("--rl-scale mixes a base model with a fine-tuned LoRA: give --lora RUN_DIR")
         policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)

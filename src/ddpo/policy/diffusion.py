@@ -50,6 +50,16 @@ class SamplingOptions:
     sde_window: int = 0  # Flow-GRPO-Fast: SDE steps per sample, the rest ODE steps; 0 = every step SDE ("sde" only)
     num_frames: int = 1  # video families: frames per sample
 
+    @classmethod
+    def from_config(cls, sample, *, num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None) -> "SamplingOptions":
+        """Sample as a config's `sample` section says (steps, eta, guidance, size, frames), with the values given
+        here instead where they are not None (`ddpo sample`'s options)."""
+        return cls(
+            num_steps=num_steps or sample.num_steps, eta=sample.eta if eta is None else eta,
+            guidance_scale=sample.guidance_scale if guidance_scale is None else guidance_scale,
+            height=sample.height, width=sample.width, num_frames=sample.num_frames,
+        )  # fmt: skip
+
 
 @dataclass
 class FlowSamplingOptions(SamplingOptions):
