@@ -398,6 +398,16 @@ def vae_decode(pipeline, latents: torch.Tensor, output_type: str = "pil") -> lis
     return pipeline.image_processor.postprocess(images.float(), output_type=output_type)
 
 
+def wan_vae_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) latents -> what a Wan-style VAE (Wan, Qwen-Image) decodes: per channel x / (1 / std) + mean,
+    in the VAE's dtype, written as their pipelines write it (so that the floats are equal)."""
+    config = vae.config
+    latents = latents.to(vae.dtype)
+    mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    return latents / inverse_std + mean
+
+
 def classifier_free_guidance(call, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning, scale: float, guidance: bool) -> torch.Tensor:
     """uncond + w (cond - uncond) (Ho & Salimans 2022) with both halves in one batch, or the conditional output
     alone when `guidance` is off or w = 1. `call(latents, timesteps, embeds, pooled, mask)` runs the network."""

@@ -13,7 +13,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from PIL import Image
 
 from .base import LoraOptions, encode_each_distinct, pad_states
-from .diffusion import Conditioning, SamplingOptions
+from .diffusion import Conditioning, SamplingOptions, wan_vae_latents
 from .flow import FlowMatchingPolicy
 
 HUB_ID = "Qwen/Qwen-Image"
@@ -116,9 +116,6 @@ class QwenImagePolicy(FlowMatchingPolicy):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
         """Unpack to (B, C, 1, H, W), undo the per-channel latent normalisation, decode the one frame."""
-        config = self.vae.config
-        unpacked = QwenImagePipeline._unpack_latents(latents, self.sampling.height, self.sampling.width, self.pipeline.vae_scale_factor).to(self.vae.dtype)
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(unpacked.device, unpacked.dtype)
-        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(unpacked.device, unpacked.dtype)
-        images = self.vae.decode(unpacked / inverse_std + mean, return_dict=False)[0][:, :, 0]  # the pipeline's arithmetic
+        unpacked = QwenImagePipeline._unpack_latents(latents, self.sampling.height, self.sampling.width, self.pipeline.vae_scale_factor)
+        images = self.vae.decode(wan_vae_latents(self.vae, unpacked), return_dict=False)[0][:, :, 0]
         return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)

@@ -18,7 +18,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from .base import LoraOptions, encode_each_distinct
-from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance
+from .diffusion import Conditioning, SamplingOptions, classifier_free_guidance, wan_vae_latents
 from .flow import FlowMatchingPolicy
 
 MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
@@ -108,9 +108,5 @@ class WanPolicy(FlowMatchingPolicy):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[list[Image.Image]]:
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype)
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        video = self.vae.decode(latents / inverse_std + mean).sample  # as the pipeline writes it, for equal floats
+        video = self.vae.decode(wan_vae_latents(self.vae, latents)).sample
         return self.pipeline.video_processor.postprocess_video(video.float(), output_type=output_type)

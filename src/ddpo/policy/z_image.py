@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
-from PIL import Image
 
 from .base import LoraOptions, encode_each_distinct, pad_states
 from .diffusion import Conditioning, SamplingOptions
@@ -120,9 +119,3 @@ class ZImagePolicy(FlowMatchingPolicy):
     def latent_shape(self) -> tuple[int, int, int]:
         factor = self.pipeline.vae_scale_factor
         return (self.model.config.in_channels, 2 * (self.sampling.height // (factor * 2)), 2 * (self.sampling.width // (factor * 2)))
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
-        config = self.vae.config
-        images = self.vae.decode((latents.to(self.vae.dtype) / config.scaling_factor) + config.shift_factor, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images.float(), output_type=output_type)
