@@ -9,6 +9,7 @@ evaluating with the ODE.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -86,15 +87,11 @@ def _policy_for_pipeline(pipeline, config, sampler: str, lora: LoraOptions, comm
                 f"sample.sde_window={sample.sde_window} mixes a flow model's SDE and ODE steps; model.pretrained={model.pretrained!r} "
                 f"uses {type(pipeline.scheduler).__name__} (not a flow-matching model): set sample.sde_window=0"
             )
-        sampling = SamplingOptions(
-            num_steps=sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale,
-            height=sample.height, width=sample.width, scheduler=sample.scheduler,
-        )  # fmt: skip
-        return policy_class(pipeline)(pipeline, sampling, lora, **common)
-    sampling = FlowSamplingOptions(
-        num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
-        sampler=sampler, noise_level=sample.noise_level, churn=sample.churn, eval_num_steps=sample.eval_num_steps,
-        sde_window=sample.sde_window if sampler == "sde" else 0, num_frames=sample.num_frames,
+    # One set of options; each parametrisation reads its own fields (the denoising one eta and scheduler).
+    sampling = SamplingOptions(
+        num_steps=sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale, height=sample.height, width=sample.width,
+        scheduler=sample.scheduler, sampler=sampler, noise_level=sample.noise_level, churn=sample.churn,
+        eval_num_steps=sample.eval_num_steps, sde_window=sample.sde_window if sampler == "sde" else 0, num_frames=sample.num_frames,
     )  # fmt: skip
     return policy_class(pipeline)(pipeline, sampling, lora, **common)
 
@@ -103,13 +100,9 @@ def sampling_policy(pipeline, sampling: SamplingOptions, *, flow_num_steps: int 
     """A sampling-only policy (no LoRA of its own) over a loaded pipeline: the DDIM policy with `sampling`, or a
     flow policy sampling the deterministic ODE with the same guidance and size and `flow_num_steps` steps
     (default: `sampling.num_steps`)."""
-    if not is_flow_pipeline(pipeline):
-        return policy_class(pipeline)(pipeline, sampling, LoraOptions(enabled=False))
-    steps = flow_num_steps or sampling.num_steps
-    flow = FlowSamplingOptions(
-        num_steps=steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width, sampler="ode", num_frames=sampling.num_frames
-    )
-    return policy_class(pipeline)(pipeline, flow, LoraOptions(enabled=False))
+    if is_flow_pipeline(pipeline):
+        sampling = dataclasses.replace(sampling, num_steps=flow_num_steps or sampling.num_steps, sampler="ode", sde_window=0)
+    return policy_class(pipeline)(pipeline, sampling, LoraOptions(enabled=False))
 
 
 def build_policy(config, device: torch.device | str = "cpu", inference_dtype: torch.dtype = torch.float32, *, sampler: str = "sde") -> DiffusersPolicy:
