@@ -170,3 +170,11 @@ def check_real_architecture(architecture: dict) -> int:
     for target in architecture["lora_targets"]:
         assert any(name == target or name.endswith("." + target) for name in names), target
     return count
+
+
+def save_tiny_dirs(tmp_path_factory, kinds: tuple[str, ...]) -> dict:
+    """Each tiny family of `kinds` saved as a diffusers directory (what `ddpo train` loads), by kind."""
+    from ddpo.policy.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-" + "-".join(kinds))
+    return {kind: save_tiny_pipeline(root / kind, kind=kind) for kind in kinds}

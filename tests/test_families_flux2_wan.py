@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from family_checks import (
-    FamilyCase, check_full_chain_parity, check_lora_round_trip, check_on_policy_log_probs, check_real_architecture,
+    FamilyCase, check_full_chain_parity, check_lora_round_trip, check_on_policy_log_probs, check_real_architecture, save_tiny_dirs,
 )  # fmt: skip
 from helpers import cli_args
 from PIL import Image
@@ -134,10 +134,7 @@ def test_a_video_reward_is_the_mean_of_its_frames_scores():
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    from ddpo.policy.tiny import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("tiny-flux2-wan")
-    return {kind: save_tiny_pipeline(root / kind, kind=kind) for kind in ("flux2-klein", "wan")}
+    return save_tiny_dirs(tmp_path_factory, ("flux2-klein", "wan"))
 
 
 @pytest.mark.slow

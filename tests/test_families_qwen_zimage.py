@@ -12,7 +12,7 @@ from ddpo.policy import qwen_image, z_image
 from ddpo.policy.qwen_image import QwenImagePolicy
 from ddpo.policy.tiny_qwen_zimage import build_tiny_qwen_image_pipeline, build_tiny_z_image_pipeline
 from ddpo.policy.z_image import ZImagePolicy
-from family_checks import FamilyCase, check_full_chain_parity, check_lora_round_trip, check_on_policy_log_probs
+from family_checks import FamilyCase, check_full_chain_parity, check_lora_round_trip, check_on_policy_log_probs, save_tiny_dirs
 
 FLOW = {"deterministic": {"sampler": "ode"}, "stochastic": {"sampler": "sde"}}
 
@@ -95,10 +95,7 @@ def test_the_preset_validates_and_trains_the_familys_lora_targets(preset, module
 # ---- through the CLI --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    from ddpo.policy.tiny import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("tiny-qwen-zimage")
-    return {kind: save_tiny_pipeline(root / kind, kind=kind) for kind in ("qwen-image", "z-image")}
+    return save_tiny_dirs(tmp_path_factory, ("qwen-image", "z-image"))
 
 
 @pytest.mark.slow
