@@ -10,7 +10,7 @@ from ddpo.algorithms.base import GaussianStepAlgorithm
 from ddpo.config import load_config
 from ddpo.policy import LoraOptions, PolicyLoadError, StableDiffusionPolicy, UNetFlowPolicy, policy_for_pipeline
 from ddpo.core.flow import euler_step
-from ddpo.policy.flow import SDE_WINDOW_START, FlowSamplingOptions
+from ddpo.policy.flow import FlowSamplingOptions
 from ddpo.policy.flux import FluxPolicy
 from ddpo.policy.sd3 import StableDiffusion3Policy
 from ddpo.policy.tiny import TINY_PIPELINES, build_tiny_pipeline
@@ -163,7 +163,7 @@ def test_an_sde_window_gives_each_sample_k_consecutive_log_probs_placed_by_its_o
     and depends on the sample's generator only (alone or in a batch of 3: the same chain)."""
     policy = make_policy(kind, num_steps=8, sde_window=2)
     trajectory = policy.sample(["a cat"] * 6, generators(6), decode=False)
-    starts = trajectory.extras[SDE_WINDOW_START]
+    starts = trajectory.sde_window_start
     assert starts.dtype == torch.int64 and starts.min() >= 0 and starts.max() <= 2
     assert len(set(starts.tolist())) > 1  # drawn per sample, not once per batch
     for log_probs, start in zip(trajectory.log_probs, starts.tolist()):
@@ -178,8 +178,8 @@ def test_an_sde_window_gives_each_sample_k_consecutive_log_probs_placed_by_its_o
 
     alone = policy.sample(["a cat"], generators(1, offset=4), decode=False)
     in_batch = policy.sample(["a cat"] * 3, generators(3, offset=3), decode=False).select([1])
-    assert torch.equal(alone.extras[SDE_WINDOW_START], in_batch.extras[SDE_WINDOW_START])
-    assert torch.equal(alone.extras[SDE_WINDOW_START], starts[4:5])
+    assert torch.equal(alone.sde_window_start, in_batch.sde_window_start)
+    assert torch.equal(alone.sde_window_start, starts[4:5])
     torch.testing.assert_close(alone.latents, in_batch.latents, atol=1e-5, rtol=0)
     torch.testing.assert_close(alone.log_probs, in_batch.log_probs, atol=1e-4, rtol=0, equal_nan=True)
 
@@ -208,7 +208,7 @@ def test_a_window_as_long_as_the_chain_is_the_plain_sde_sampler():
     policy.sampling.sde_window = 4
     full = policy.sample(PROMPTS, generators(4), decode=False)
     assert torch.equal(full.latents, plain.latents) and torch.equal(full.log_probs, plain.log_probs)
-    assert torch.equal(full.extras[SDE_WINDOW_START], torch.zeros(4, dtype=torch.int64)) and not plain.extras
+    assert torch.equal(full.sde_window_start, torch.zeros(4, dtype=torch.int64)) and plain.sde_window_start is None
 
 
 def test_an_sde_window_for_a_ddim_model_is_refused_naming_the_key():

@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .algorithms import build_algorithm_from_config
+from .algorithms import MicroBatch, build_algorithm_from_config
 from .config import Config, ConfigError, config_to_dict, derived_batch_sizes, save_config, validate
 from .monitor import EARLY_STOP_METRIC, Monitor, tracker_metrics
-from .policy import SDE_WINDOW_START, DiffusersPolicy, Trajectory, build_policy
+from .core.trajectory import SampleData
+from .policy import DiffusersPolicy, Trajectory, build_policy
 from .preemption import Preempted, PreemptionWatch
 from .prompts import build_prompt_source
 from .rewards import RewardError, RewardOutput, build_reward_from_config
@@ -297,7 +298,6 @@ class Trainer:
         micro_step = 0
         micro_steps_total = sizes["optimizer_steps_per_epoch"] * micro_steps_per_optimizer_step
         chunk = config.train.timestep_chunk or sizes["num_train_timesteps"]
-        kl_weight, anchor_kl_weight = config.train.kl_weight, config.train.anchor_kl_weight
         num_trained = int((~self.is_anchor(samples.indices)).sum())  # this process's scored samples come first
         for inner in range(config.train.inner_epochs):
             minibatches = self._minibatches(epoch, inner, num_trained)
@@ -309,7 +309,6 @@ class Trainer:
                 part_advantages = advantages[minibatch.to(advantages.device)]
                 anchor = trajectory.select(anchor_part) if len(anchor_part) else None
                 anchor_steps = steps[anchor_part].to(part.latents.device)
-                rows = torch.arange(len(part), device=part.latents.device)[:, None]
                 # `timestep_chunk` timesteps per model call; the loss of a chunk of c timesteps is the mean over
                 # its b*c (sample, timestep) pairs, so scaling it by c gives the gradient of c per-timestep losses.
                 for start in range(0, part_steps.shape[1], chunk):
@@ -321,22 +320,11 @@ class Trainer:
                     sync = micro_step % micro_steps_per_optimizer_step == 0
                     self.accelerator.sync_gradients = sync  # DeepSpeed's engine steps at the micro-step accelerate marks
                     with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
-                        prediction = self.policy.predict(part, columns, reference=kl_weight > 0)
-                        log_prob, old_log_prob = self.algorithm.log_likelihoods(prediction, part, rows, columns)
-                        output = self.algorithm.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), part_advantages.repeat_interleave(width))
-                        if check_ratios:
-                            ratio_error = (log_prob.detach().double() - old_log_prob.double()).expm1().abs().max().float()
-                            first_step_ratio_error = torch.maximum(first_step_ratio_error, ratio_error)
+                        batch = MicroBatch(part, columns, part_advantages, anchor, anchor_steps[:, start : start + chunk])
+                        output = self.algorithm.micro_step(self.policy, batch)
+                        if check_ratios and output.ratio_error is not None:
+                            first_step_ratio_error = torch.maximum(first_step_ratio_error, output.ratio_error)
                         loss = output.loss
-                        if kl_weight > 0:  # KL to the reference model (adapters off), in the algorithm's own terms
-                            kl = self.algorithm.kl_to_reference(prediction).mean()
-                            loss = loss + kl_weight * kl
-                            output.metrics["kl_to_reference"] = kl.detach()
-                        if anchor is not None:  # the anchors' KL to the base model, in the same gradient as the reward's
-                            anchor_columns = anchor_steps[:, start : start + chunk]
-                            kl = self.algorithm.kl_to_reference(self.policy.predict(anchor, anchor_columns, reference=True)).mean()
-                            loss = loss + anchor_kl_weight * kl
-                            output.metrics["anchor_kl"] = kl.detach()
                         finite = bool(torch.isfinite(loss.detach()))
                         if self._any_process(not finite):  # every process stops, or the others hang in backward
                             value = f"is {loss.item()}" if not finite else "is not finite on another process"
@@ -379,7 +367,7 @@ class Trainer:
         window = config.sample.sde_window
         if window:
             offsets = torch.stack([torch.randperm(window, generator=g) for g in generators])
-            steps = trajectory.extras[SDE_WINDOW_START].cpu()[:, None] + offsets
+            steps = trajectory.sde_window_start.cpu()[:, None] + offsets
         else:
             steps = torch.stack([torch.randperm(trajectory.num_steps, generator=g) for g in generators])
         return steps[:, : self.sizes["num_train_timesteps"]]
@@ -683,8 +671,8 @@ def _epoch_samples_state(samples: EpochSamples, advantages: torch.Tensor) -> dic
         value = getattr(samples.trajectory, item.name)
         if isinstance(value, torch.Tensor):
             trajectory[item.name] = value.detach().cpu()
-        elif item.name == "extras":
-            trajectory[item.name] = {name: tensor.detach().cpu() for name, tensor in value.items()}
+        elif item.name == "prepared" and value is not None:
+            trajectory[item.name] = value.to_state()
         elif item.name == "metadata":
             trajectory[item.name] = json.dumps(value, default=repr)
         elif item.name == "prompts":
@@ -706,8 +694,8 @@ def _epoch_samples_from_state(state: dict, device: torch.device) -> tuple[EpochS
     for name, value in fields.items():
         if isinstance(value, torch.Tensor):
             fields[name] = value if name in state["on_cpu"] else value.to(device)
-        elif name == "extras":
-            fields[name] = {key: tensor.to(device) for key, tensor in value.items()}
+        elif name == "prepared":
+            fields[name] = SampleData.from_state(value).to(device)
     samples = EpochSamples(
         trajectory=Trajectory(**fields),
         indices=state["indices"].to(device),

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from ddpo.algorithms.base import Algorithm, LossOutput
+from ddpo.algorithms.base import Algorithm, LossOutput, MicroBatch, regularizers_from_config
 from ddpo.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
 from ddpo.algorithms.fdfo import FiniteDifferenceFlowOptimization
 from ddpo.algorithms.flow_grpo import FlowGRPO
@@ -26,10 +26,13 @@ def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
 
 
 def build_algorithm_from_config(train: Any) -> Algorithm:
-    """The algorithm named by `train.algorithm`, configured from the rest of the `train` section."""
+    """The algorithm named by `train.algorithm`, configured from the rest of the `train` section, with the
+    regularizers it asks for."""
     if train.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {train.algorithm!r}; valid names: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[train.algorithm].from_config(train)
+    algorithm = ALGORITHMS[train.algorithm].from_config(train)
+    algorithm.regularizers = regularizers_from_config(train)
+    return algorithm
 
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "FiniteDifferenceFlowOptimization",
     "FlowGRPO",
     "LossOutput",
+    "MicroBatch",
     "RewardWeightedRegression",
     "SparseRewardWeightedRegression",
     "build_algorithm",

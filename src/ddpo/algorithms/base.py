@@ -1,10 +1,17 @@
-"""The interface every training algorithm implements; the trainer depends on nothing else."""
+"""The interface every training algorithm implements; the trainer depends on nothing else.
+
+The trainer hands an algorithm one micro-batch at a time (`MicroBatch`: samples, the steps trained, their
+advantages, anchors) and gets back a loss (`LossOutput`); it only accumulates, clips and steps. Everything the
+loss is made of, regularizers included, is the algorithm's: a new algorithm is a new module, never an edit of
+the loop.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import Tensor
 
 from ddpo.core import gaussian_kl
@@ -13,21 +20,52 @@ if TYPE_CHECKING:  # data classes only: algorithms never touch a pipeline
     from ddpo.core.trajectory import StepPrediction, Trajectory
 
 
+class StepPredictor(Protocol):
+    """What an algorithm may ask of the policy: its prediction at chosen steps of recorded chains."""
+
+    def predict(self, trajectory: Trajectory, step_indices: Tensor, *, reference: bool = False) -> StepPrediction:
+        """The policy at steps (B, K) of `trajectory`, with gradients; `reference` adds the reference model's."""
+        ...
+
+
+@dataclass
+class MicroBatch:
+    """One micro-step's share of an epoch.
+
+    Attributes:
+        trajectory: B scored samples.
+        steps: (B, K) the step indices of each sample trained in this micro-step.
+        advantages: (B,) the samples' advantages (or weights).
+        anchors: unscored anchor samples whose KL to the base model joins this gradient (`prompts.anchor_source`),
+            with `anchor_steps` (A, K), or None.
+    """
+
+    trajectory: Trajectory
+    steps: Tensor
+    advantages: Tensor
+    anchors: Trajectory | None = None
+    anchor_steps: Tensor | None = None
+
+
 @dataclass
 class LossOutput:
-    """Loss of one minibatch at one timestep.
+    """Loss of one micro-batch: the mean over its (sample, step) pairs.
 
     Attributes:
         loss: scalar to backpropagate.
         metrics: detached scalars, at least `loss`, `approx_kl` and `clipfrac` (0 where no clipping applies).
+        ratio_error: max |pi_theta / pi_old - 1| over the micro-batch (detached) for algorithms whose loss uses the
+            importance ratio, else None: on the first optimizer step of an epoch it must be 0 (the trainer's
+            on-policy check).
     """
 
     loss: Tensor
     metrics: dict[str, Tensor]
+    ratio_error: Tensor | None = None
 
 
 class Algorithm(Protocol):
-    """Turns rewards into per-sample advantages, and log-probs plus advantages into a loss.
+    """Turns rewards into per-sample advantages, and a micro-batch into a loss.
 
     Attributes:
         name: registry name, e.g. "ddpo_is".
@@ -37,6 +75,7 @@ class Algorithm(Protocol):
         sampler: the flow policies' training sampler the algorithm needs: "sde" (a Gaussian policy with exact
             log-probs) or "churn" (FDFO's churned Euler steps). DDIM policies have their own.
         shared_initial_noise: the samples of a group (`sample.samples_per_prompt`) start from one initial noise.
+        regularizers: the penalties added to its loss (KL to the reference model, the anchors' KL), from the config.
     """
 
     name: str
@@ -44,6 +83,7 @@ class Algorithm(Protocol):
     one_step_per_epoch: bool
     sampler: str
     shared_initial_noise: bool
+    regularizers: tuple[Regularizer, ...]
 
     @classmethod
     def from_config(cls, train: Any) -> "Algorithm":
@@ -70,19 +110,88 @@ class Algorithm(Protocol):
         """
         ...
 
-    def loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor) -> LossOutput:
-        """Loss for one timestep of a minibatch.
-
-        Args:
-            log_prob: (b,) log pi_theta(x_{t-1} | x_t), with grad.
-            old_log_prob: (b,) the log-prob recorded while sampling.
-            advantages: (b,) this minibatch's slice of `advantages(...)`.
-        """
+    def prepare(self, trajectory: Trajectory) -> None:
+        """Attach per-sample training data (`trajectory.prepared`) derived from one process's samples of the epoch."""
         ...
+
+    def micro_step(self, policy: StepPredictor, batch: MicroBatch) -> LossOutput:
+        """The loss of one micro-batch, regularizers included, with gradients through the policy."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state needed to resume bit for bit."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Regularizer(Protocol):
+    """A penalty added to an algorithm's loss: `weight` times a divergence the algorithm defines."""
+
+    name: str  # its metric
+    weight: float
+    needs_reference: bool  # whether the trained samples' prediction must carry the reference model's
+
+    def penalty(self, divergence: Any, policy: StepPredictor, batch: MicroBatch, prediction: StepPrediction) -> Tensor | None:
+        """The unweighted penalty (a scalar), or None where it does not apply to this micro-batch."""
+        ...
+
+
+@dataclass(frozen=True)
+class KLToReference:
+    """KL of the trained steps to the reference model (adapters off), in the algorithm's own terms (`train.kl_weight`)."""
+
+    weight: float
+    name: str = "kl_to_reference"
+    needs_reference: bool = True
+
+    def penalty(self, divergence: Any, policy: StepPredictor, batch: MicroBatch, prediction: StepPrediction) -> Tensor:
+        return divergence(prediction).mean()
+
+
+@dataclass(frozen=True)
+class AnchorKL:
+    """The anchors' KL to the base model, in the same gradient as the reward's (`train.anchor_kl_weight`)."""
+
+    weight: float
+    name: str = "anchor_kl"
+    needs_reference: bool = False
+
+    def penalty(self, divergence: Any, policy: StepPredictor, batch: MicroBatch, prediction: StepPrediction) -> Tensor | None:
+        if batch.anchors is None:
+            return None
+        return divergence(policy.predict(batch.anchors, batch.anchor_steps, reference=True)).mean()
+
+
+def regularizers_from_config(train: Any) -> tuple[Regularizer, ...]:
+    """The penalties the `train` section asks for (`kl_weight`, `anchor_kl_weight`; anchors are sampled exactly when the latter is > 0)."""
+    regularizers: list[Regularizer] = []
+    if train.kl_weight > 0:
+        regularizers.append(KLToReference(train.kl_weight))
+    if train.anchor_kl_weight > 0:
+        regularizers.append(AnchorKL(train.anchor_kl_weight))
+    return tuple(regularizers)
+
+
+class TrajectoryStepAlgorithm:
+    """Defaults of the algorithms whose loss compares a likelihood of the recorded steps under the current policy
+    with its value under the sampling one (DDPO, RWR, Flow-GRPO, FDFO). Subclasses define `loss`, and
+    `log_likelihoods` / `kl_to_reference` where their policy is not the sampler's Gaussian."""
+
+    sampler = "sde"
+    shared_initial_noise = False
+    regularizers: tuple[Regularizer, ...] = ()
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        pass
 
     def prepare(self, trajectory: Trajectory) -> None:
-        """Attach per-sample training data derived from one process's samples of the epoch, before training."""
-        ...
+        pass
+
+    def loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor) -> LossOutput:
+        """(b,) log-likelihoods under the current and the sampling policy, (b,) advantages -> the loss."""
+        raise NotImplementedError
 
     def log_likelihoods(self, prediction: StepPrediction, trajectory: Trajectory, rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
         """The log-likelihood the loss's ratio compares, under the current policy and under the sampling one.
@@ -95,31 +204,32 @@ class Algorithm(Protocol):
         Returns:
             (B, K) log-likelihoods with grad, and (B, K) their values under the sampling policy.
         """
-        ...
+        raise NotImplementedError
 
     def kl_to_reference(self, prediction: StepPrediction) -> Tensor:
         """(B, K) per-step divergence of the policy from the reference model (`prediction.reference_*`)."""
-        ...
+        raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state needed to resume bit for bit."""
-        ...
+    def micro_step(self, policy: StepPredictor, batch: MicroBatch) -> LossOutput:
+        """The policy at the batch's steps, the loss over its B*K (sample, step) pairs, then the regularizers."""
+        trajectory, columns = batch.trajectory, batch.steps
+        reference = any(r.needs_reference and r.weight > 0 for r in self.regularizers)
+        prediction = policy.predict(trajectory, columns, reference=reference)
+        rows = torch.arange(len(trajectory), device=columns.device)[:, None]
+        log_prob, old_log_prob = self.log_likelihoods(prediction, trajectory, rows, columns)
+        output = self.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), batch.advantages.repeat_interleave(columns.shape[1]))
+        if self.uses_importance_ratio:
+            output.ratio_error = (log_prob.detach().double() - old_log_prob.double()).expm1().abs().max().float()
+        for regularizer in self.regularizers:
+            penalty = regularizer.penalty(self.kl_to_reference, policy, batch, prediction)
+            if penalty is not None:
+                output.loss = output.loss + regularizer.weight * penalty
+                output.metrics[regularizer.name] = penalty.detach()
+        return output
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-
-class GaussianStepAlgorithm:
-    """Defaults of the algorithms that train on the sampler's own Gaussian steps (DDPO, RWR, Flow-GRPO)."""
-
-    sampler = "sde"
-    shared_initial_noise = False
-
-    @classmethod
-    def check_config(cls, config: Any) -> None:
-        pass
-
-    def prepare(self, trajectory: Trajectory) -> None:
-        pass
+class GaussianStepAlgorithm(TrajectoryStepAlgorithm):
+    """The algorithms that train on the sampler's own Gaussian steps (DDPO, RWR, Flow-GRPO)."""
 
     def log_likelihoods(self, prediction: StepPrediction, trajectory: Trajectory, rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
         """log pi(x_next | x_t, c) of the recorded next latents, and the log-probs recorded while sampling."""

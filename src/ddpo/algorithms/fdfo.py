@@ -17,21 +17,28 @@ the paper's default (sample.guidance_scale = 1): FDFO is meant to make it unnece
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ddpo.algorithms.base import LossOutput
+from ddpo.algorithms.base import LossOutput, TrajectoryStepAlgorithm
 from ddpo.core import approx_kl, endpoint_directions, pair_reward_differences, spo_loss, velocity_log_likelihood
+from ddpo.core.trajectory import SampleData
 
 if TYPE_CHECKING:
     from ddpo.core.trajectory import StepPrediction, Trajectory
 
-DIRECTION = "fdfo_direction"  # the trajectory extra holding each sample's normalised dx
+
+@dataclass
+class FiniteDifferences(SampleData):
+    """direction: (B, ...) each sample's normalised endpoint difference dx to its pair partner."""
+
+    direction: Tensor
 
 
-class FiniteDifferenceFlowOptimization:
+class FiniteDifferenceFlowOptimization(TrajectoryStepAlgorithm):
     """FDFO: pairs, finite-difference velocity targets, SPO surrogate; several optimizer steps per epoch."""
 
     name = "fdfo"
@@ -68,11 +75,11 @@ class FiniteDifferenceFlowOptimization:
         """Attach each sample's normalised endpoint difference to its pair partner (pairs are consecutive)."""
         if trajectory.model_outputs is None:
             raise ValueError("fdfo needs the velocities recorded while sampling: sample with the churn sampler of a flow-matching policy")
-        trajectory.extras[DIRECTION] = endpoint_directions(trajectory.latents[:, -1])
+        trajectory.prepared = FiniteDifferences(direction=endpoint_directions(trajectory.latents[:, -1]))
 
     def log_likelihoods(self, prediction: StepPrediction, trajectory: Trajectory, rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
         """ps = -mean((v - (v_ref - dx))^2) with grad, and ps_ref = -mean(dx^2), both (B, K)."""
-        direction = trajectory.extras[DIRECTION][:, None]  # (B, 1, ...): the same dx at every step
+        direction = trajectory.prepared.direction[:, None]  # (B, 1, ...): the same dx at every step
         velocity_target = trajectory.model_outputs[rows, columns].float() - direction
         log_prob = velocity_log_likelihood(prediction.model_output, velocity_target, batch_dims=2)
         old_log_prob = -direction.pow(2).mean(dim=tuple(range(2, direction.ndim))).expand_as(log_prob)

@@ -3,13 +3,50 @@ policy's prediction at chosen steps of it: the types that the policy writes and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
     from PIL import Image
+
+
+@dataclass
+class SampleData:
+    """Per-sample tensors (every field (B, ...)) that an algorithm derives from an epoch's samples before training.
+
+    Subclass it as a dataclass with one tensor field per quantity; selection, concatenation and the round trip
+    through a checkpoint (`to_state` / `from_state`) then work field by field.
+    """
+
+    _types: ClassVar[dict[str, type[SampleData]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        SampleData._types[cls.__name__] = cls
+
+    def select(self, index: torch.Tensor) -> SampleData:
+        return replace(self, **{f.name: getattr(self, f.name)[index.to(getattr(self, f.name).device)] for f in fields(self)})
+
+    @classmethod
+    def concatenate(cls, parts: list[SampleData]) -> SampleData:
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def to(self, device: torch.device | str) -> SampleData:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def to_state(self) -> dict[str, object]:
+        """Plain tensors and the type's name (loadable with `torch.load(weights_only=True)`)."""
+        return {"type": type(self).__name__, **{f.name: getattr(self, f.name).detach().cpu() for f in fields(self)}}
+
+    @staticmethod
+    def from_state(state: dict[str, object]) -> SampleData:
+        values = dict(state)
+        kind = values.pop("type")
+        if kind not in SampleData._types:
+            raise ValueError(f"unknown prepared sample data {kind!r}")
+        return SampleData._types[kind](**values)
 
 
 @dataclass
@@ -27,8 +64,10 @@ class Trajectory:
                      prompt (Qwen-Image, Z-Image), else None
     model_outputs:   (B, T, ...) or None  the guided model output (velocity) at each step, when the sampler keeps
                                           it (FDFO's v_ref)
-    extras:          per-sample tensors (B, ...) the sampler records or an algorithm attaches for training (the
-                     start of Flow-GRPO-Fast's SDE window, FDFO's finite differences)
+    sde_window_start: (B,) int64 or None  the first step of each chain's SDE window (Flow-GRPO-Fast, MixGRPO): the
+                                          steps outside it are deterministic
+    prepared:        what the training algorithm derived from the epoch's samples before training (its own
+                     `SampleData`, e.g. FDFO's finite differences), else None
     prompts, metadata, images: per-sample Python objects (images are the decoded x_0; for a video family, each
                      sample's frames as a list of images)
     """
@@ -46,10 +85,11 @@ class Trajectory:
     model_outputs: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     negative_mask: torch.Tensor | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    sde_window_start: torch.Tensor | None = None
+    prepared: SampleData | None = None
 
     _TENSORS = ("latents", "timesteps", "log_probs", "prompt_embeds", "negative_embeds")
-    _OPTIONAL_TENSORS = ("pooled_embeds", "negative_pooled_embeds", "model_outputs", "prompt_mask", "negative_mask")
+    _OPTIONAL_TENSORS = ("pooled_embeds", "negative_pooled_embeds", "model_outputs", "prompt_mask", "negative_mask", "sde_window_start")
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -69,7 +109,7 @@ class Trajectory:
         tensors = {name: pick(getattr(self, name)) for name in self._TENSORS + self._OPTIONAL_TENSORS}
         return Trajectory(
             **tensors,
-            extras={name: pick(value) for name, value in self.extras.items()},
+            prepared=None if self.prepared is None else self.prepared.select(index),
             prompts=[self.prompts[i] for i in positions],
             metadata=[self.metadata[i] for i in positions] if self.metadata else [],
             images=[self.images[i] for i in positions] if self.images else [],
@@ -83,7 +123,7 @@ class Trajectory:
         tensors = {name: cat([getattr(p, name) for p in parts]) for name in Trajectory._TENSORS + Trajectory._OPTIONAL_TENSORS}
         return Trajectory(
             **tensors,
-            extras={name: torch.cat([p.extras[name] for p in parts]) for name in parts[0].extras},
+            prepared=None if parts[0].prepared is None else type(parts[0].prepared).concatenate([p.prepared for p in parts]),
             prompts=[x for p in parts for x in p.prompts],
             metadata=[x for p in parts for x in p.metadata],
             images=[x for p in parts for x in p.images],

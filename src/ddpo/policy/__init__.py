@@ -17,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .base import DiffusersPolicy, LoraOptions
 from ..core.trajectory import StepPrediction, Trajectory
-from .diffusion import SDE_WINDOW_START, DiffusionPolicy, FlowSamplingOptions, SamplingOptions
+from .diffusion import DiffusionPolicy, FlowSamplingOptions, SamplingOptions
 from .families import family_of
 from .flow import FlowMatchingPolicy, UNetFlowPolicy
 from .stable_diffusion import PolicyLoadError, StableDiffusionPolicy, load_pipeline
@@ -112,7 +112,7 @@ def build_policy(config, device: torch.device | str = "cpu", inference_dtype: to
 
 
 __all__ = [
-    "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SDE_WINDOW_START", "SamplingOptions",
+    "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SamplingOptions",
     "StableDiffusionPolicy", "StepPrediction", "Trajectory", "UNetFlowPolicy", "build_policy", "is_flow_pipeline",
     "load_pipeline", "policy_for_pipeline", "resolve_model", "sampling_policy",
 ]  # fmt: skip

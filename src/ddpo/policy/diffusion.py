@@ -29,7 +29,6 @@ from ..core.samplers import Sampler
 from ..core.trajectory import StepPrediction, Trajectory
 from .base import DiffusersPolicy, LoraOptions, encode_each_distinct
 
-SDE_WINDOW_START = "sde_window_start"  # the trajectory extra holding each sample's first SDE step (with `sde_window`)
 
 
 @dataclass
@@ -231,7 +230,7 @@ class DiffusionPolicy(DiffusersPolicy):
         noise (from `initial_noise_generators[i]` instead when given, so that samples with equal generators
         start alike: FDFO's pairs; or `initial_latents` itself when given), the fresh noise of the initial
         churn (churn sampler), the noise of every step (stochastic samplers), then (with `sde_window`) the
-        start of its SDE window, recorded in `trajectory.extras[SDE_WINDOW_START]` ((B,) int64); its other
+        start of its SDE window, recorded in `trajectory.sde_window_start` ((B,) int64); its other
         steps are deterministic, with NaN log-probs.
         """
         batch = len(prompts)
@@ -249,10 +248,9 @@ class DiffusionPolicy(DiffusersPolicy):
             latents = churn_noise(latents, draw(generators, shape, self.device), sampler.initial_churn)
         latents = latents * self.init_noise_sigma
         step_noise = draw(generators, (num_steps, *shape), self.device) if sampler.stochastic else None
-        extras = {}
+        window_start = None
         if sampler.window:  # drawn after the step noise, so the window's steps get the noise they would get without one
             window_start = draw_window_starts(generators, max(num_steps // 2, sampler.window) - sampler.window + 1, self.device)
-            extras[SDE_WINDOW_START] = window_start
         cond = self.conditioning(prompts)
         dtype = self.model.dtype  # read once: diffusers walks every submodule to answer it
         cond_in = cond.to(self.device, dtype)
@@ -286,7 +284,7 @@ class DiffusionPolicy(DiffusersPolicy):
             prompts=list(prompts),
             metadata=list(metadata) if metadata is not None else [{} for _ in prompts],
             images=self.decode(latents) if decode else [],
-            extras=extras,
+            sde_window_start=window_start,
         )
 
     # ---- training ---------------------------------------------------------------------------------------

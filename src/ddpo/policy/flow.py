@@ -30,10 +30,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..core.samplers import FLOW_SAMPLERS, Sampler, flow_sampler
 from .base import LoraOptions
-from .diffusion import SDE_WINDOW_START, Conditioning, DiffusionPolicy, FlowSamplingOptions, SamplingOptions, Schedule
+from .diffusion import Conditioning, DiffusionPolicy, FlowSamplingOptions, SamplingOptions, Schedule
 from .stable_diffusion import StableDiffusionText
 
-__all__ = ["SDE_WINDOW_START", "Conditioning", "FlowMatchingPolicy", "FlowSamplingOptions", "UNetFlowPolicy"]
+__all__ = ["Conditioning", "FlowMatchingPolicy", "FlowSamplingOptions", "UNetFlowPolicy"]
 
 
 class FlowMatchingPolicy(DiffusionPolicy):
