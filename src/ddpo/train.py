@@ -171,6 +171,7 @@ class Trainer:
         samples), the epoch's end after its record."""
         for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
             set_seed(derive_seed(self.config.seed, "epoch", epoch) % 2**32)  # for rewards that draw random numbers
+            self.algorithm.begin_epoch(epoch, self.policy)
             if self._partial is not None and self._partial["epoch"] == epoch:  # resumed inside this epoch
                 partial, self._partial = self._partial, None
                 samples, advantages = partial["samples"], partial["advantages"]

@@ -110,6 +110,11 @@ class Algorithm(Protocol):
         """
         ...
 
+    def begin_epoch(self, epoch: int, policy: Any) -> None:
+        """Called on every process before epoch `epoch` (1-based) samples, also on resume: where the algorithm sets
+        what its sampling depends on (e.g. MixGRPO's window position). Must depend only on `epoch` and its state."""
+        ...
+
     def prepare(self, trajectory: Trajectory) -> None:
         """Attach per-sample training data (`trajectory.prepared`) derived from one process's samples of the epoch."""
         ...
@@ -184,6 +189,9 @@ class TrajectoryStepAlgorithm:
 
     @classmethod
     def check_config(cls, config: Any) -> None:
+        pass
+
+    def begin_epoch(self, epoch: int, policy: Any) -> None:
         pass
 
     def prepare(self, trajectory: Trajectory) -> None:
