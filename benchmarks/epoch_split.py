@@ -39,11 +39,13 @@ import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from ddpo.config import ConfigError, load_config  # noqa: E402
+from ddpo.config import ConfigError  # noqa: E402
+
+from ddpo.training.assemble import load_config
 from ddpo.policy import PolicyLoadError, resolve_model  # noqa: E402
 from ddpo.policy.tiny import save_tiny_pipeline  # noqa: E402
 from ddpo.rewards import checked_reward  # noqa: E402
-from ddpo.train import Trainer  # noqa: E402
+from ddpo.training.loop import Trainer  # noqa: E402
 
 PRESET = "sd_compressibility"
 EPOCHS = 2  # the first is warm-up; the second is reported
@@ -177,7 +179,7 @@ def main() -> None:
 
     split = {"sample": parts["sample"], "reward": parts["reward"], "train": parts["advantages"] + parts["update"]}
     total = sum(split.values())
-    samples_per_epoch = trainer.sizes["samples_per_process"]
+    samples_per_epoch = trainer.sizes.samples_per_process
     notes = {
         "sample": f"Trainer.sample_epoch, {samples_per_epoch} images, {samples_per_epoch / split['sample']:.2f} images/s",
         "reward": f"{trainer.reward.name} alone on the {samples_per_epoch} images",

@@ -184,13 +184,13 @@ def cfg_comparison(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from ddpo.config import load_config
-    from ddpo.evaluate import eval_generator, eval_prompts_of
+    from ddpo.training.assemble import load_config
+    from ddpo.training.evaluate import eval_generator, eval_prompts_of
     from ddpo.policy import SamplingOptions, load_pipeline, resolve_model, sampling_policy
-    from ddpo.run_directory import load_checkpoint_into, resolve_adapter_dir
-    from ddpo.toyworld import WEIGHTS_DIR
-    from ddpo.toyworld.evaluation import exact_match
-    from ddpo.toyworld.recognizers import images_to_tensor, load_recognizer
+    from ddpo.training.run_directory import load_checkpoint_into, resolve_adapter_dir
+    from ddpo.shapes import WEIGHTS_DIR
+    from ddpo.shapes.evaluation import exact_match
+    from ddpo.shapes.recognizers import images_to_tensor, load_recognizer
 
     torch.set_num_threads(args.threads)
     config = load_config("shapes/fdfo", overrides=[f'model.pretrained="{args.flow_model}"'])

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from browser import ChromiumPage  # noqa: E402
 
-from ddpo.config import load_config  # noqa: E402
+from ddpo.training.assemble import load_config  # noqa: E402
 from ddpo.policy import build_policy  # noqa: E402
 from ddpo.preference.store import LabelStore  # noqa: E402
 

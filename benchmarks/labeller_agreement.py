@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from ddpo.cli import main as ddpo
 from ddpo.preference.store import LabelStore
-from ddpo.toyworld.labeller import FewerObjects, PersonLikeLabeller, rendered_pairs
+from ddpo.shapes.labeller import FewerObjects, PersonLikeLabeller, rendered_pairs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Labels-to-accuracy: how many labels of a noisy, person-like scripted labeller the preference model needs,
 with pairs chosen at random or actively (`ddpo.preference.active`).
 
-Pool: rendered Shapes pairs (`ddpo.toyworld.labeller.rendered_pairs`: a caption, two renders of it with count,
+Pool: rendered Shapes pairs (`ddpo.shapes.labeller.rendered_pairs`: a caption, two renders of it with count,
 colour and shape each redrawn with probability 1/2, as a model's two samples might differ). Labeller:
 `PersonLikeLabeller` with a prompt-dependent taste (`ByPromptColour`: fewer objects for warm-colour prompts, more
 for the others), 15% of its decided answers flipped, a tie whenever both images have the same count. Accuracy:
@@ -30,7 +30,7 @@ import torch
 from ddpo.preference.active import select_pairs
 from ddpo.preference.features import ShapesDescriberFeatures
 from ddpo.preference.model import TARGETS, BradleyTerryModel, _Data, fit
-from ddpo.toyworld.labeller import ByPromptColour, PersonLikeLabeller, rendered_pairs
+from ddpo.shapes.labeller import ByPromptColour, PersonLikeLabeller, rendered_pairs
 
 BUDGETS = (50, 100, 150, 200, 250, 300, 400, 500)
 

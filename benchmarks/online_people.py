@@ -29,7 +29,7 @@ import numpy as np
 
 from ddpo.preference.store import LabelStore
 from ddpo.server.label_app import ServedInThread
-from ddpo.toyworld.labeller import FewerObjects, PersonLikeLabeller, label_over_http
+from ddpo.shapes.labeller import FewerObjects, PersonLikeLabeller, label_over_http
 
 TRAIN = [sys.executable, "-c", "import sys; from ddpo.cli import main; sys.exit(main())", "train"]
 
@@ -40,7 +40,7 @@ def judge_counts(checkpoint: Path | None, seeds: int = 8) -> np.ndarray:
 
     from ddpo.policy import SamplingOptions, load_pipeline, resolve_model, sampling_policy
     from ddpo.prompts import build_prompt_source
-    from ddpo.run_directory import load_checkpoint_into
+    from ddpo.training.run_directory import load_checkpoint_into
 
     prompts = build_prompt_source("shapes_open_count").prompts
     pipe = load_pipeline(resolve_model("shapes-flow"))

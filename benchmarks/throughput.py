@@ -37,7 +37,7 @@ def setup(config_name: str, overrides: list[str]):
     """The policy, one epoch of sampled trajectories, and `update(chunk)`: the DDPO-IS update over them."""
     import torch
 
-    from ddpo.config import derived_batch_sizes, load_config
+    from ddpo.training.assemble import derived_batch_sizes, load_config
     from ddpo.core.losses import ppo_clip_loss
     from ddpo.policy import Trajectory, build_policy
     from ddpo.prompts import build_prompt_source
@@ -48,7 +48,7 @@ def setup(config_name: str, overrides: list[str]):
     torch.manual_seed(config.seed)
     policy = build_policy(config)
     source = build_prompt_source(config.prompts.source, config.prompts.file)
-    n = sizes["samples_per_epoch"]
+    n = sizes.samples_per_epoch
     prompts = [source(random.Random(i))[0] for i in range(n)]
     started = time.perf_counter()
     parts = []
@@ -57,7 +57,7 @@ def setup(config_name: str, overrides: list[str]):
         parts.append(policy.sample(batch, generators_for(config.seed, "bench", 0, list(range(start, start + len(batch)))), decode=False))
     sample_seconds = time.perf_counter() - started
     trajectory = Trajectory.concatenate(parts)
-    steps_per_sample = sizes["num_train_timesteps"]
+    steps_per_sample = sizes.num_train_timesteps
     generator = torch.Generator().manual_seed(1)
     steps = torch.stack([torch.randperm(trajectory.num_steps, generator=generator) for _ in range(n)])[:, :steps_per_sample]
     advantages = torch.randn(n, generator=generator)

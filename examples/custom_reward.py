@@ -7,7 +7,7 @@ hand-written proxy for prompt alignment. Run: python examples/custom_reward.py [
 import numpy as np
 
 import ddpo
-from ddpo.toyworld.render import COLORS
+from ddpo.shapes.render import COLORS
 
 
 def colour_coverage(images, prompts, metadata):

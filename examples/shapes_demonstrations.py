@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ddpo.prompts import build_prompt_source
-from ddpo.toyworld.render import parse_caption, render_batch
+from ddpo.shapes.render import parse_caption, render_batch
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -10,8 +10,8 @@ import torch
 from helpers import tiny_overrides
 from safetensors.torch import save_file
 
-from ddpo.config import load_config
-from ddpo.train import Trainer
+from ddpo.training.assemble import load_config
+from ddpo.training.loop import Trainer
 
 
 def main(model_dir: str, prompt_file: str, out: str, batch_size: int, extra: dict | None = None) -> None:

@@ -13,7 +13,8 @@ from helpers import cli_args, tiny_overrides
 from PIL import Image
 
 from ddpo.cli import main
-from ddpo.config import ConfigError, load_config
+from ddpo.config import ConfigError
+from ddpo.training.assemble import load_config
 from ddpo.prompts import build_prompt_source
 
 ANCHORS = {"sample.anchor_batches_per_epoch": 1, "prompts.anchor_source": '"shapes_common"', "train.anchor_kl_weight": 1e4}
@@ -35,14 +36,15 @@ def test_incomplete_or_bad_anchor_settings_are_refused_naming_the_key(overrides,
 
 
 def test_every_minibatch_gets_its_share_of_the_anchors(tiny_pipeline_dir, tmp_path):
-    from ddpo.train import Trainer
+    from ddpo.training import batches
+    from ddpo.training.loop import Trainer
 
     config = load_config("sd_compressibility", tiny_overrides(tiny_pipeline_dir, **ANCHORS, **{"sample.batch_size": 8, "train.batch_size": 4}))
     trainer = Trainer(config, tmp_path / "run", progress=False)
-    assert trainer.is_anchor(torch.arange(24)).tolist() == [False] * 16 + [True] * 8  # 2 scored batches of 8, then 1 of anchors
-    assert trainer.sizes["samples_per_epoch"] == 16 and trainer.sizes["anchor_samples_per_epoch"] == 8
-    minibatches = trainer._minibatches(1, 0, 16)
-    parts = trainer._anchor_parts(1, 0, 16, 24, len(minibatches))
+    assert batches.is_anchor(trainer.config, torch.arange(24), 1).tolist() == [False] * 16 + [True] * 8  # 2 scored batches of 8, then 1 of anchors
+    assert trainer.sizes.samples_per_epoch == 16 and trainer.sizes.anchor_samples_per_epoch == 8
+    minibatches = batches.minibatches(trainer.config, 1, 0, 16, 0)
+    parts = batches.anchor_parts(trainer.config, 1, 0, 16, 24, len(minibatches), 0)
     assert sorted(torch.cat(minibatches).tolist()) == list(range(16)) and [len(m) for m in minibatches] == [4] * 4
     assert sorted(torch.cat(parts).tolist()) == list(range(16, 24)) and [len(p) for p in parts] == [2] * 4
 

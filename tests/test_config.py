@@ -10,11 +10,9 @@ from ddpo.config import (
     TrainConfig,
     available_presets,
     config_to_dict,
-    derived_batch_sizes,
-    load_config,
     save_config,
-    validate,
 )
+from ddpo.training.assemble import derived_batch_sizes, load_config, validate
 
 
 def test_defaults_are_valid_and_are_the_papers():
@@ -150,8 +148,8 @@ def test_presets_load_by_name_with_the_papers_batch(name):
     assert config.reward.name == name.replace("sd_", "jpeg_")
     assert config.prompts.source == "imagenet_animals"
     sizes = derived_batch_sizes(config, num_processes=8)
-    assert sizes["samples_per_epoch"] == 256
-    assert sizes["optimizer_steps_per_epoch"] == 4
+    assert sizes.samples_per_epoch == 256
+    assert sizes.optimizer_steps_per_epoch == 4
 
 
 def test_overrides_apply_over_a_preset_and_a_base():
@@ -178,7 +176,7 @@ def test_derived_batch_sizes_arithmetic():
             "train.inner_epochs=3",
         ]
     )
-    assert derived_batch_sizes(config, num_processes=3) == {
+    assert dataclasses.asdict(derived_batch_sizes(config, num_processes=3)) == {
         "num_processes": 3,
         "samples_per_epoch": 24,
         "anchor_samples_per_epoch": 0,
@@ -221,9 +219,9 @@ def test_score_function_takes_one_step_per_epoch():
         overrides=["train.algorithm=ddpo_sf", "train.batch_size=2", "train.timestep_fraction=0.001"]
     )
     sizes = derived_batch_sizes(config, num_processes=2)
-    assert sizes["optimizer_steps_per_epoch"] == 1
-    assert sizes["accumulation_steps"] == sizes["minibatches_per_epoch"] == 16
-    assert sizes["num_train_timesteps"] == 1  # never zero
+    assert sizes.optimizer_steps_per_epoch == 1
+    assert sizes.accumulation_steps == sizes.minibatches_per_epoch == 16
+    assert sizes.num_train_timesteps == 1  # never zero
 
 
 def test_batch_divisibility_error_names_both_keys():

@@ -34,7 +34,7 @@ def _export(run, out, *extra):
 
 def _run_policy(run):
     """The policy exactly as the trainer held it: base + a fresh adapter + the checkpoint's trainable tensors."""
-    from ddpo.config import load_config
+    from ddpo.training.assemble import load_config
     from ddpo.policy import build_policy
 
     config = load_config(run / "config.toml")

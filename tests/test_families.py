@@ -118,7 +118,8 @@ def test_one_epoch_of_ddpo_train_on_each_tiny_family_writes_the_run_directory(ki
 
 def test_every_preset_validates():
     """Each family's preset (hub id, size, steps, guidance, LoRA) is a valid config; the weights cannot load here."""
-    from ddpo.config import available_presets, load_config
+    from ddpo.config import available_presets
+    from ddpo.training.assemble import load_config
 
     for name in available_presets():
         config = load_config(name)

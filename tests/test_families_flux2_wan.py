@@ -111,7 +111,7 @@ def _reshifted(pipe, shift: float):
 
 @pytest.mark.parametrize(("preset", "family"), [("flux2_klein_flow_grpo", "flux2"), ("wan_t2v_flow_grpo", "wan")])
 def test_the_presets_validate_and_name_existing_lora_targets(preset, family):
-    from ddpo.config import load_config
+    from ddpo.training.assemble import load_config
 
     config = load_config(preset)
     module = {"flux2": flux2, "wan": wan}[family]

@@ -84,7 +84,7 @@ def test_the_parity_check_catches_a_policy_that_differs_from_the_pipeline_in_one
 # ---- the presets ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("preset", "module"), [("qwen_image_flow_grpo", qwen_image), ("z_image_flow_grpo", z_image)])
 def test_the_preset_validates_and_trains_the_familys_lora_targets(preset, module):
-    from ddpo.config import load_config
+    from ddpo.training.assemble import load_config
 
     config = load_config(preset)
     assert config.model.pretrained == module.HUB_ID

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ddpo.algorithms import build_algorithm
-from ddpo.config import ConfigError, load_config
+from ddpo.config import ConfigError
+from ddpo.training.assemble import load_config
 from ddpo.core import endpoint_directions, group_normalize, pair_reward_differences, spo_loss
 from ddpo.core.trajectory import StepPrediction, Trajectory
 
@@ -166,18 +167,18 @@ def test_the_algorithm_samplers():
     [("sd35_flow_grpo", 32, 1152, 2, 9), ("sd35_fdfo", 8, 864, 4, 40), ("shapes/flow_grpo", 1, 32, 2, 9), ("shapes/fdfo", 1, 32, 2, 10)],
 )
 def test_flow_presets_have_the_published_batch_arithmetic(preset, processes, samples_per_epoch, optimizer_steps, trained_steps):
-    from ddpo.config import derived_batch_sizes
+    from ddpo.training.assemble import derived_batch_sizes
 
     config = load_config(preset)
     sizes = derived_batch_sizes(config, processes)
-    assert (sizes["samples_per_epoch"], sizes["optimizer_steps_per_epoch"], sizes["num_train_timesteps"]) == (samples_per_epoch, optimizer_steps, trained_steps)
+    assert (sizes.samples_per_epoch, sizes.optimizer_steps_per_epoch, sizes.num_train_timesteps) == (samples_per_epoch, optimizer_steps, trained_steps)
     if config.train.algorithm == "fdfo":
         assert config.sample.guidance_scale == 1.0 and config.sample.churn == 0.0025 and config.train.clip_range == 3e-2
 
 
 def test_the_shapes_flow_twin_resolves_or_says_how_to_make_it():
     from ddpo.policy import resolve_model
-    from ddpo.toyworld import WEIGHTS_DIR
+    from ddpo.shapes import WEIGHTS_DIR
 
     if (WEIGHTS_DIR / "shapes-flow" / "model_index.json").is_file():
         assert resolve_model("shapes-flow") == str(WEIGHTS_DIR / "shapes-flow")

@@ -15,7 +15,7 @@ from ddpo.cli import main
 
 ALGORITHM_OVERRIDES = {
     "flow_grpo": {"train.kl_weight": 0.04, "sample.eval_num_steps": 4},
-    "fdfo": {"sample.guidance_scale": 1.0, "train.clip_range": 3e-2, "train.cfg": "false"},
+    "fdfo": {"sample.guidance_scale": 1.0, "train.spo_epsilon": 3e-2, "train.cfg": "false"},
     "ddpo_is": {"train.clip_range": 1e-2},
 }
 RUNS = [("sd3", "flow_grpo"), ("sd3", "fdfo"), ("flux", "flow_grpo"), ("flux", "fdfo"), ("sd-flow", "fdfo"), ("sd3", "ddpo_is")]

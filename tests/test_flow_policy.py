@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpo.algorithms.base import GaussianStepAlgorithm
-from ddpo.config import load_config
+from ddpo.training.assemble import load_config
 from ddpo.policy import LoraOptions, PolicyLoadError, StableDiffusionPolicy, UNetFlowPolicy, policy_for_pipeline
 from ddpo.core.flow import euler_step
 from ddpo.policy.flow import FlowSamplingOptions

@@ -35,7 +35,7 @@ def test_guided_network_mixes_base_and_fine_tuned_predictions(lora_run):
 
     from ddpo.cli import _policy_for
     from ddpo.policy import SamplingOptions
-    from ddpo.run_directory import resolve_adapter_dir
+    from ddpo.training.run_directory import resolve_adapter_dir
 
     policy = _policy_for(str(ddpo.load_config(lora_run / "config.toml").model.pretrained), resolve_adapter_dir(lora_run), SamplingOptions(num_steps=3, height=32, width=32))
     unet = policy.unet

@@ -20,7 +20,7 @@ import pytest
 
 from browser import ChromiumPage, require_chromium
 from ddpo.preference.store import LabelStore
-from ddpo.toyworld.labeller import rendered_pairs
+from ddpo.shapes.labeller import rendered_pairs
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from ddpo.cli import main
 from ddpo.preference.store import LabelStore, LabelStoreError
-from ddpo.toyworld.labeller import rendered_pairs
+from ddpo.shapes.labeller import rendered_pairs
 
 
 @pytest.fixture

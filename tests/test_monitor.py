@@ -13,9 +13,9 @@ from helpers import cli_args
 from PIL import Image
 
 from ddpo.cli import main
-from ddpo.config import load_config
+from ddpo.training.assemble import load_config
 from ddpo.core import gaussian_kl
-from ddpo.evaluate import HELDOUT, TRAINED, eval_prompts_of, pairwise_distance, spread
+from ddpo.training.evaluate import HELDOUT, TRAINED, eval_prompts_of, pairwise_distance, spread
 from ddpo.policy import SamplingOptions, StableDiffusionPolicy
 from ddpo.policy.tiny import build_tiny_pipeline
 from ddpo.report import overoptimization

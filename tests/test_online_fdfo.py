@@ -18,7 +18,7 @@ from ddpo.cli import main
 from ddpo.preference.store import LabelStore, image_hash, pair_id, png_bytes
 from ddpo.rewards import build_reward
 from ddpo.rewards.preference import vote
-from ddpo.toyworld.labeller import FewerObjects, ScriptedLabeller, label_over_http, rendered_pairs
+from ddpo.shapes.labeller import FewerObjects, ScriptedLabeller, label_over_http, rendered_pairs
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -140,7 +140,7 @@ def test_human_choice_refuses_samples_that_are_not_same_prompt_pairs(tmp_path):
 def expected_judge_counts(model_dir, checkpoint, prompts: list[str], seeds: int) -> np.ndarray:
     """The judge's expected object count of deterministic ODE samples, prompt x seed (fixed seeds)."""
     from ddpo.policy import SamplingOptions, load_pipeline, sampling_policy
-    from ddpo.run_directory import load_checkpoint_into
+    from ddpo.training.run_directory import load_checkpoint_into
 
     pipe = load_pipeline(model_dir)
     if checkpoint is not None:

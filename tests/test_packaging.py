@@ -15,11 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [
-    "ddpo/toyworld/weights/shapes-sd/model_index.json",
-    "ddpo/toyworld/weights/shapes-sd/unet/diffusion_pytorch_model.safetensors",
-    "ddpo/toyworld/weights/shapes-flow/unet/diffusion_pytorch_model.safetensors",
-    "ddpo/toyworld/weights/describer.safetensors",
-    "ddpo/toyworld/weights/judge.safetensors",
+    "ddpo/shapes/weights/shapes-sd/model_index.json",
+    "ddpo/shapes/weights/shapes-sd/unet/diffusion_pytorch_model.safetensors",
+    "ddpo/shapes/weights/shapes-flow/unet/diffusion_pytorch_model.safetensors",
+    "ddpo/shapes/weights/describer.safetensors",
+    "ddpo/shapes/weights/judge.safetensors",
     "ddpo/configs/shapes/default.toml",
     "ddpo/configs/sd_compressibility.toml",
     "ddpo/server/static/label.html",

@@ -26,8 +26,8 @@ from ddpo.preference.bradley_terry import (
 )
 from ddpo.preference.model import BradleyTerryModel, margin_jacobian
 from ddpo.preference.store import Label, LabelStore
-from ddpo.toyworld.labeller import ByPromptColour, FewerObjects, PersonLikeLabeller, rendered_pairs
-from ddpo.toyworld.render import Scene
+from ddpo.shapes.labeller import ByPromptColour, FewerObjects, PersonLikeLabeller, rendered_pairs
+from ddpo.shapes.render import Scene
 
 
 def test_davidson_probabilities_by_hand():

@@ -105,7 +105,7 @@ def test_channels_last_stores_conv_weights_nhwc_and_samples_the_same_images(tiny
     """`model.channels_last` changes the memory layout, not the model: same chains within float rounding."""
     from helpers import tiny_overrides
 
-    from ddpo.config import load_config
+    from ddpo.training.assemble import load_config
     from ddpo.policy import build_policy
 
     def policy(channels_last: bool):

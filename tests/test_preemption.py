@@ -19,8 +19,8 @@ from helpers import cli_args
 from safetensors.torch import load_file
 
 from ddpo.cli import main
-from ddpo.preemption import REQUEUE_EXIT_STATUS
-from ddpo.run_directory import RunDirectory
+from ddpo.training.preemption import REQUEUE_EXIT_STATUS
+from ddpo.training.run_directory import RunDirectory
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
@@ -204,7 +204,7 @@ def test_every_checkpoint_damaged_is_one_line_error(straight_run, tmp_path):
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tiny_pipeline_dir, tmp_path, monkeypatch):
     import torch
 
-    import ddpo.train
+    import ddpo.training.loop
 
     original_save = torch.save
 

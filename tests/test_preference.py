@@ -15,8 +15,8 @@ from ddpo.cli import main
 from ddpo.preference.model import PreferenceModel, PreferenceModelError, pairwise_accuracy, train_preference_model
 from ddpo.preference.store import Comparison, LabelStore, png_bytes
 from ddpo.rewards import RewardError, build_reward, check_reward
-from ddpo.toyworld.labeller import FewerObjects, PrefersColor, ScriptedLabeller, rendered_pairs
-from ddpo.toyworld.render import Scene, render
+from ddpo.shapes.labeller import FewerObjects, PrefersColor, ScriptedLabeller, rendered_pairs
+from ddpo.shapes.render import Scene, render
 
 NUM_LABELS = 500
 

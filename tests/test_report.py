@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from helpers import cli_args
 
 from ddpo.cli import main
-from ddpo.config import load_config, save_config
-from ddpo.run_directory import RunDirectory
+from ddpo.config import save_config
+from ddpo.training.assemble import load_config
+from ddpo.training.run_directory import RunDirectory
 
 # Screenshots for people to look at, kept only where DDPO_TEST_ARTIFACTS names a folder (CI): tests write only under
 # their temporary directories otherwise.

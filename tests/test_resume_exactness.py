@@ -17,7 +17,7 @@ from helpers import cli_args
 from safetensors.torch import load_file
 
 from ddpo.cli import main
-from ddpo.preemption import REQUEUE_EXIT_STATUS
+from ddpo.training.preemption import REQUEUE_EXIT_STATUS
 
 pytestmark = pytest.mark.slow
 

@@ -208,7 +208,8 @@ def test_remote_checks_the_served_reward_at_build():
 
 
 def test_reward_url_in_the_config():
-    from ddpo.config import ConfigError, load_config
+    from ddpo.config import ConfigError
+    from ddpo.training.assemble import load_config
     from ddpo.rewards import build_reward_from_config
 
     with running_server(checked_reward("mean_pixel", helpers.mean_pixel)) as (url, _):

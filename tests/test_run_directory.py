@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddpo.run_directory import TRAINER_STATE, RunDirectory, RunDirectoryError
+from ddpo.training.run_directory import TRAINER_STATE, RunDirectory, RunDirectoryError
 
 
 def write_state(directory):

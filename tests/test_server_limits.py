@@ -99,7 +99,7 @@ def test_serve_reward_binds_loopback_by_default_and_warns_on_a_public_bind_witho
 @pytest.fixture
 def label_store(tmp_path):
     from ddpo.preference.store import LabelStore
-    from ddpo.toyworld.labeller import rendered_pairs
+    from ddpo.shapes.labeller import rendered_pairs
 
     path = tmp_path / "labels.db"
     store = LabelStore(path)

@@ -64,7 +64,7 @@ def test_sft_writes_the_run_directory_of_ddpo_train(sft_run):
     # the LoRA moved away from its initialisation, and diffusers loads it
     from diffusers import DiffusionPipeline
 
-    from ddpo.config import load_config
+    from ddpo.training.assemble import load_config
 
     pipe = DiffusionPipeline.from_pretrained(load_config(sft_run / "config.toml").model.pretrained)
     pipe.load_lora_weights(str(checkpoint))
@@ -96,8 +96,8 @@ def test_sft_resumes_exactly(sft_run, demonstrations, tiny_pipeline_dir, tmp_pat
 
 
 def test_train_continues_from_the_sft_lora(sft_run, tiny_pipeline_dir, tmp_path):
-    from ddpo.config import load_config
-    from ddpo.train import Trainer
+    from ddpo.training.assemble import load_config
+    from ddpo.training.loop import Trainer
 
     # the SFT run's LoRA keys (shapes/default's rank 8, alpha 8; the targets set in _model_args)
     lora = {"model.lora_rank": 8, "model.lora_alpha": 8.0, "model.lora_target_modules": '["to_k", "to_q", "to_v", "to_out.0"]'}
@@ -142,8 +142,8 @@ def test_sft_on_renders_of_the_heldout_pairs_raises_their_judged_exact_match(tmp
     import sys
 
     from ddpo.policy import resolve_model
-    from ddpo.toyworld import WEIGHTS_DIR
-    from ddpo.toyworld.evaluation import PROMPT_GROUPS, judge_exact_match
+    from ddpo.shapes import WEIGHTS_DIR
+    from ddpo.shapes.evaluation import PROMPT_GROUPS, judge_exact_match
 
     data = tmp_path / "demos"
     argv = sys.argv

@@ -35,11 +35,11 @@ def paired_rewards(run, reward_name: str, prompts: list[str], seeds: int):
     """Scores of the base model and of the run's last checkpoint on the same prompts x the same seeds."""
     import numpy as np
 
-    from ddpo.config import load_config
-    from ddpo.evaluate import EvalPrompts, sample_eval_set, score_eval_set
+    from ddpo.training.assemble import load_config
+    from ddpo.training.evaluate import EvalPrompts, sample_eval_set, score_eval_set
     from ddpo.policy import LoraOptions, SamplingOptions, StableDiffusionPolicy, load_pipeline, resolve_model
     from ddpo.rewards import build_reward
-    from ddpo.run_directory import load_checkpoint_into, resolve_adapter_dir
+    from ddpo.training.run_directory import load_checkpoint_into, resolve_adapter_dir
 
     config = load_config(run / "config.toml")
     sampling = SamplingOptions(

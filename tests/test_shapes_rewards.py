@@ -11,8 +11,8 @@ from PIL import Image
 
 from ddpo.prompts import build_prompt_source
 from ddpo.rewards import RewardError, build_reward
-from ddpo.toyworld.render import COMMON, UNUSUAL, Scene, caption, parse_caption, render_batch
-from ddpo.toyworld.rewards import SHIPPED_DESCRIBER
+from ddpo.shapes.render import COMMON, UNUSUAL, Scene, caption, parse_caption, render_batch
+from ddpo.shapes.rewards import SHIPPED_DESCRIBER
 
 SCENES = [
     Scene(2, "red", "circle"),
@@ -71,9 +71,9 @@ def test_soft_alignment_is_the_expected_recall_over_the_describers_probabilities
     import torch
 
     from ddpo.rewards.bertscore import BERTScorer, minilm_path
-    from ddpo.toyworld.recognizers import COLOR_NAMES, images_to_tensor
-    from ddpo.toyworld.render import SHAPES
-    from ddpo.toyworld.rewards import load_describer
+    from ddpo.shapes.recognizers import COLOR_NAMES, images_to_tensor
+    from ddpo.shapes.render import SHAPES
+    from ddpo.shapes.rewards import load_describer
 
     # A blend of two rendered scenes: the describer is unsure, so the expectation differs from the arg-max's.
     blend = Image.blend(images[0], images[1], 0.5)

@@ -18,7 +18,7 @@ from helpers import cli_args
 from safetensors.torch import load_file
 
 from ddpo.cli import main
-from ddpo.run_directory import RunDirectory
+from ddpo.training.run_directory import RunDirectory
 
 REQUIRED_METRICS = {"epoch", "samples", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "sample_seconds", "train_seconds"}
 
@@ -53,7 +53,9 @@ def test_train_writes_the_run_directory_of_the_design(two_epoch_run):
 def test_the_resolved_config_reproduces_the_run(two_epoch_run, tiny_pipeline_dir):
     from helpers import tiny_overrides
 
-    from ddpo.config import config_to_dict, load_config
+    from ddpo.config import config_to_dict
+
+    from ddpo.training.assemble import load_config
 
     config = load_config(two_epoch_run / "config.toml")
     assert config.train.lr == 1e-2 and config.sample.num_steps == 6
@@ -97,7 +99,7 @@ def test_resume_continues_bit_for_bit(tiny_pipeline_dir, tmp_path):
 KILL_DURING_CHECKPOINT = textwrap.dedent(
     """
     import sys, time
-    from ddpo.train import Trainer
+    from ddpo.training.loop import Trainer
     from ddpo.cli import main
     original = Trainer._write_checkpoint
 
@@ -152,8 +154,8 @@ def test_sample_command_draws_with_the_trained_lora(two_epoch_run, tiny_pipeline
 def test_allow_tf32_sets_torchs_tf32_flags(tiny_pipeline_dir, tmp_path, allow):
     from helpers import tiny_overrides
 
-    from ddpo.config import load_config
-    from ddpo.train import Trainer
+    from ddpo.training.assemble import load_config
+    from ddpo.training.loop import Trainer
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not allow

@@ -44,7 +44,7 @@ def _fake_hub_cache(cache: Path) -> None:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from ddpo.toyworld.tokenizer import write_tokenizer
+    from ddpo.shapes.tokenizer import write_tokenizer
 
     clip = _cache_repo(cache, "openai/clip-vit-large-patch14")
     tokenizer = write_tokenizer(clip, ["a", "cat", "dog"])

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, _merge, validate
-from .config import load_config as _load_config_file
+from .config import Config, ConfigError, _merge
+from .training.assemble import validate
+from .training.assemble import load_config as _load_config_file
 
 session = types.SimpleNamespace()
 """Rewards and prompt functions given to `train` that cannot be imported by name: config.toml names them
@@ -76,7 +77,7 @@ class RunResult:
 
     @property
     def checkpoints(self) -> list[Path]:
-        from .run_directory import RunDirectory
+        from .training.run_directory import RunDirectory
 
         return [path for _, path in RunDirectory(self.path).checkpoints()]
 
@@ -169,11 +170,10 @@ def _prompt_source_for(prompts: PromptsArgument, config: Config, run_dir: Path) 
     if isinstance(prompts, str):
         raise ConfigError("prompts= takes a list of prompts or a prompt function; for a registered source set prompts__source=...")
     if callable(prompts):
-        from .prompts import _SOURCES, register_prompt_source
+        from .prompts import SOURCES, register_prompt_source
 
         name = f"python:{_importable_name(prompts) or _session_name(prompts, 'prompts')}"
-        if name in _SOURCES:
-            del _SOURCES[name]  # the same name given again in this session: the latest function wins
+        SOURCES.discard(name)  # the same name given again in this session: the latest function wins
         register_prompt_source(name)(lambda: callable_prompt_source(prompts))
         config.prompts.source, config.prompts.file = name, ""
         return lambda: None
@@ -214,10 +214,10 @@ def train(
     import time
 
     from .cli import _quiet_libraries
-    from .run_directory import RunDirectory, RunDirectoryError, read_jsonl
+    from .training.run_directory import RunDirectory, RunDirectoryError, read_jsonl
 
     _quiet_libraries()
-    from .train import train as run_training
+    from .training.loop import train as run_training
 
     if resume is not None:
         if config_or_path is not None or out is not None or reward is not None or prompts is not None:
@@ -262,8 +262,8 @@ def _reset_accelerate() -> None:
 
 def _checkpoint_and_config(model_or_run: str | Path, checkpoint: str | int):
     """(model, checkpoint dir or None, the run's config or None) for a model name/dir, a run dir or a checkpoint dir."""
-    from .config import load_config as load_file
-    from .run_directory import resolve_adapter_dir, run_of_checkpoint
+    from .training.assemble import load_config as load_file
+    from .training.run_directory import resolve_adapter_dir, run_of_checkpoint
 
     run = run_of_checkpoint(model_or_run) if Path(str(model_or_run)).is_dir() else None
     if run is None:
@@ -319,10 +319,10 @@ def evaluate(run_dir: str | Path, *, checkpoint: str | int = "auto", seeds: int 
     its reward(s), as `ddpo eval` does: {"base": {...}, "epoch-NNNN": {...}}, each {"groups": {group: {reward: mean}}}.
     `prompts_per_group` > 0 keeps that many prompts of each group (trained, held out), spread over the list."""
     from .cli import _policy_for
-    from .config import load_config as load_file
-    from .evaluate import eval_prompts_of, eval_rewards_of, evaluate_policy
+    from .training.assemble import load_config as load_file
+    from .training.evaluate import eval_prompts_of, eval_rewards_of, evaluate_policy
     from .policy import SamplingOptions
-    from .run_directory import RunDirectoryError, epoch_name, run_of_checkpoint
+    from .training.run_directory import RunDirectoryError, epoch_name, run_of_checkpoint
 
     run = run_of_checkpoint(run_dir)
     if run is None or run.path.resolve() != Path(run_dir).resolve():

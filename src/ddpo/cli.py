@@ -30,8 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .prompts import PromptSourceError
     from .rewards import RewardError
     from .rewards.remote import RemoteRewardError
-    from .run_directory import RunDirectoryError
-    from .train import OffPolicyError
+    from .training.run_directory import RunDirectoryError
+    from .training.loop import OffPolicyError
 
     # FloatingPointError: training stopped on a non-finite loss before the update reached the weights.
     # RemoteRewardError: a reward server that stopped answering during the run (at start-up it is a ConfigError).
@@ -71,10 +71,10 @@ def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
     status 75 (requeue); `ddpo train --resume auto --out RUN_DIR ...` continues it, so one command line can be
     requeued until the run is done."""
     _quiet_libraries()
-    from .config import load_config
-    from .preemption import REQUEUE_EXIT_STATUS, Preempted
-    from .run_directory import RunDirectory
-    from .train import train as run_training
+    from .training.assemble import load_config
+    from .training.preemption import REQUEUE_EXIT_STATUS, Preempted
+    from .training.run_directory import RunDirectory
+    from .training.loop import train as run_training
 
     try:
         if resume == "auto":
@@ -104,8 +104,9 @@ def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
 def _resume_auto(config_path: str | None, overrides: tuple[str, ...], out: str | None) -> str | None:
     """`--resume auto --out RUN_DIR`: RUN_DIR when it holds a checkpoint (the command line's other keys must then
     agree with its config.toml), else None (start RUN_DIR, discarding a start that never reached a checkpoint)."""
-    from .config import config_to_dict, load_config
-    from .run_directory import RunDirectory
+    from .config import config_to_dict
+    from .training.assemble import load_config
+    from .training.run_directory import RunDirectory
 
     if not out:
         raise UserError("--resume auto needs --out RUN_DIR: the run to continue, or to start when it has no checkpoint")
@@ -144,7 +145,7 @@ def doctor(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -
     import json
 
     _quiet_libraries()
-    from .config import load_config
+    from .training.assemble import load_config
     from .doctor import run_doctor
 
     try:
@@ -158,8 +159,8 @@ def doctor(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -
 
 def _run_config(path: str | None):
     """The config of the run a --lora/target path belongs to (RUN_DIR or RUN_DIR/checkpoints/epoch-NNNN), or None."""
-    from .config import load_config
-    from .run_directory import run_of_checkpoint
+    from .training.assemble import load_config
+    from .training.run_directory import run_of_checkpoint
 
     run = run_of_checkpoint(path) if path else None
     return load_config(run.config_path) if run is not None else None
@@ -171,7 +172,7 @@ def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = Fal
     sample their ODE, with `flow_num_steps` steps if given."""
     from .policy import load_pipeline, resolve_model, sampling_policy
     from .policy.stable_diffusion import native_image_size
-    from .run_directory import load_checkpoint_into
+    from .training.run_directory import load_checkpoint_into
 
     pipe = load_pipeline(resolve_model(model))
     if checkpoint_dir is not None:
@@ -206,7 +207,7 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
     from .config import Config
     from .guidance import GuidanceError, rl_guidance
     from .policy import SamplingOptions
-    from .run_directory import resolve_adapter_dir
+    from .training.run_directory import resolve_adapter_dir
     from .utils import image_grid
 
     try:
@@ -243,9 +244,9 @@ def eval_command(target: str, which: tuple[str, ...], prompts_file: str | None, 
     _quiet_libraries()
     import json
 
-    from .evaluate import GROUPS, eval_prompts_of, eval_rewards_of, evaluate_policy
+    from .training.evaluate import GROUPS, eval_prompts_of, eval_rewards_of, evaluate_policy
     from .policy import SamplingOptions
-    from .run_directory import RunDirectoryError, epoch_name, run_of_checkpoint, write_text_atomic
+    from .training.run_directory import RunDirectoryError, epoch_name, run_of_checkpoint, write_text_atomic
 
     try:
         run = run_of_checkpoint(target)
@@ -339,7 +340,7 @@ def report(run_dir: str) -> None:
 def sft(data: str | None, out: str | None, resume: str | None, config_path: str | None, overrides: tuple[str, ...], epochs: int | None, batch_size: int, lr: float, caption_column: str) -> None:
     """Supervised fine-tuning on demonstrations (DATA: images + metadata.jsonl), the RLHF recipe's first step."""
     _quiet_libraries()
-    from .config import load_config
+    from .training.assemble import load_config
     from .sft import SftDataError, SftOptions, SftTrainer, read_options
 
     try:
@@ -468,7 +469,7 @@ def toy_path(flow: bool) -> None:
 def toy_pretrain(work: str, seed: int, unet_steps: int | None) -> None:
     """Pretrain the Shapes pipeline, recognisers included (deterministic from the seed, resumable)."""
     _quiet_libraries()
-    from .toyworld.pretrain import PretrainConfig, Pretrainer
+    from .shapes.pretrain import PretrainConfig, Pretrainer
 
     config = PretrainConfig(seed=seed)
     if unet_steps is not None:
@@ -492,9 +493,9 @@ def toy_evaluate(model: str, lora: str | None, judge: str | None, seeds: int, st
     import json
 
     from .policy import resolve_model
-    from .run_directory import resolve_adapter_dir
-    from .toyworld import WEIGHTS_DIR
-    from .toyworld.evaluation import judge_exact_match
+    from .training.run_directory import resolve_adapter_dir
+    from .shapes import WEIGHTS_DIR
+    from .shapes.evaluation import judge_exact_match
 
     try:
         adapter = resolve_adapter_dir(lora) if lora else None

@@ -33,9 +33,6 @@ from typing import Any
 
 import tomli_w
 
-from ddpo.algorithms import ALGORITHMS  # the registry is the one list of algorithms
-from ddpo.prompts import prompt_source_factory, reads_file
-from ddpo.rewards import check_reward
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +42,7 @@ else:
 """Valid `train.algorithm` values (see `ddpo.algorithms`)."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULERS = ("ddim", "ddpm")
-_REWARD_TERM_KEYS = ("name", "weight", "kwargs")
+REWARD_TERM_KEYS = ("name", "weight", "kwargs")
 
 
 class ConfigError(ValueError):
@@ -136,7 +133,7 @@ class TrainConfig:
     algorithm: str = "ddpo_is"
     """One of "ddpo_is" (importance sampling, clipped), "ddpo_sf" (score function), "rwr", "rwr_sparse",
     "flow_grpo" (group advantages, PPO-clip on SDE log-probs), "fdfo" (Finite Difference Flow Optimization:
-    pairs, SPO surrogate with eps = clip_range; flow-matching models only)."""
+    pairs, SPO surrogate with eps = spo_epsilon; flow-matching models only)."""
     epochs: int = 100
     """Outer epochs: each samples a fresh batch of images, then trains on it."""
     lr: float = 3e-4
@@ -156,8 +153,9 @@ class TrainConfig:
     inner_epochs: int = 1
     """Passes over each epoch's samples (several only for ddpo_is, rwr and rwr_sparse)."""
     clip_range: float = 1e-4
-    """PPO clip range epsilon of ddpo_is and flow_grpo (the ratio is clipped to [1 - eps, 1 + eps]); the SPO
-    trust region eps of fdfo (3e-2 in its paper)."""
+    """PPO clip range epsilon of ddpo_is and flow_grpo (the ratio is clipped to [1 - eps, 1 + eps])."""
+    spo_epsilon: float = 3e-2
+    """fdfo's trust region: eps of the SPO surrogate -dR r + |dR| / (2 eps) (r - 1)^2 (3e-2 in the FDFO paper)."""
     kl_weight: float = 0.0
     """Weight of the KL to the reference model (the base model: LoRA disabled) added to every algorithm's loss,
     per step: ||mu_theta - mu_ref||^2 / (2 std^2) for the Gaussian steps (Flow-GRPO's beta, DPOK), and
@@ -325,7 +323,7 @@ def _type_name(hint: Any) -> str:
     return _TYPE_NAMES[hint]
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
     """`value` checked against the field type `hint`, ints widened to float and a lone string to a list.
 
     Raises:
@@ -345,7 +343,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if item is str and isinstance(value, str):
             return [value]
         if isinstance(value, list):
-            return [_coerce(f"{key}[{index}]", element, item) for index, element in enumerate(value)]
+            return [coerce(f"{key}[{index}]", element, item) for index, element in enumerate(value)]
     raise ConfigError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
 
 
@@ -368,7 +366,7 @@ def _merge(target: Any, table: dict[str, Any], prefix: str = "") -> None:
         elif hint is dict and isinstance(value, dict):
             getattr(target, name).update(copy.deepcopy(value))
         else:
-            setattr(target, name, _coerce(path, value, hint))
+            setattr(target, name, coerce(path, value, hint))
 
 
 def _hint_at(path: str) -> Any:
@@ -435,7 +433,8 @@ def _read_toml(path_or_preset: str | Path) -> tuple[dict[str, Any], str]:
 def load_config(
     path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: Config | None = None
 ) -> Config:
-    """Defaults (or a copy of `base`), then the TOML file or preset `path`, then `overrides`; validated.
+    """Defaults (or a copy of `base`), then the TOML file or preset `path`, then `overrides`; every field checked
+    (`check_fields`; `ddpo.training.assemble.load_config` also checks the names the registries resolve).
 
     Raises:
         ConfigError: an unknown key, a wrong type or an invalid value, named in the message.
@@ -449,7 +448,7 @@ def load_config(
             raise ConfigError(f"{label}: {error}") from error
     for override in overrides:
         _merge(config, _parse_override(override))
-    validate(config)
+    check_fields(config)
     return config
 
 
@@ -476,7 +475,7 @@ def save_config(config: Config, path: str | Path) -> None:
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
@@ -485,21 +484,22 @@ def _check_types(node: Any, cls: type = Config, prefix: str = "") -> None:
     for key, (name, hint) in _fields(cls).items():
         value = getattr(node, name)
         if dataclasses.is_dataclass(hint):
-            _check(isinstance(value, hint), f"{prefix}{key} must be a {hint.__name__} section")
+            check(isinstance(value, hint), f"{prefix}{key} must be a {hint.__name__} section")
             _check_types(value, hint, f"{prefix}{key}.")
         else:
-            _coerce(prefix + key, value, hint)
+            coerce(prefix + key, value, hint)
 
 
-def _check_choice(key: str, value: str, choices: typing.Sequence[str]) -> None:
+def check_choice(key: str, value: str, choices: typing.Sequence[str]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"one of {', '.join(choices)}"
         raise ConfigError(f"{key}={value!r} is not valid ({hint})")
 
 
-def validate(config: Config) -> None:
-    """Check every type and value, and the batch arithmetic for one process.
+def check_fields(config: Config) -> None:
+    """Check every type and value that the config alone decides (the checks that need the registries of
+    algorithms, rewards and prompt sources run where the run is assembled: `ddpo.training.assemble.validate`).
 
     Raises:
         ConfigError: naming the first offending key and how to fix it.
@@ -508,204 +508,131 @@ def validate(config: Config) -> None:
     model, sample, train, reward, prompts, log = (
         config.model, config.sample, config.train, config.reward, config.prompts, config.log
     )
-    _check(config.seed >= 0, f"seed={config.seed} must be >= 0")
+    check(config.seed >= 0, f"seed={config.seed} must be >= 0")
 
-    _check(bool(model.pretrained), "model.pretrained is empty; give a hub id or a local pipeline directory")
-    _check(model.lora_rank >= 1, f"model.lora_rank={model.lora_rank} must be at least 1")
-    _check(model.lora_alpha > 0, f"model.lora_alpha={model.lora_alpha} must be > 0")
-    _check(
+    check(bool(model.pretrained), "model.pretrained is empty; give a hub id or a local pipeline directory")
+    check(model.lora_rank >= 1, f"model.lora_rank={model.lora_rank} must be at least 1")
+    check(model.lora_alpha > 0, f"model.lora_alpha={model.lora_alpha} must be > 0")
+    check(
         not model.use_lora or bool(model.lora_target_modules),
         "model.lora_target_modules is empty; name the UNet modules to adapt, e.g. [\"to_q\", \"to_v\"]",
     )
-    _check_choice("model.mixed_precision", model.mixed_precision, MIXED_PRECISION)
+    check_choice("model.mixed_precision", model.mixed_precision, MIXED_PRECISION)
 
     for key in ("num_steps", "batch_size", "num_batches_per_epoch", "samples_per_prompt", "height", "width"):
         value = getattr(sample, key)
-        _check(value >= 1, f"sample.{key}={value} must be at least 1")
+        check(value >= 1, f"sample.{key}={value} must be at least 1")
     for key in ("height", "width"):
         value = getattr(sample, key)
-        _check(value % 8 == 0, f"sample.{key}={value} is not a multiple of 8 (the VAE downsamples by 8)")
-    _check_choice("sample.scheduler", sample.scheduler, SCHEDULERS)
-    _check(sample.eta >= 0, f"sample.eta={sample.eta:g} must be >= 0")
-    _check(sample.noise_level > 0, f"sample.noise_level={sample.noise_level:g} must be > 0 (0 makes the SDE an ODE, with no log-probability)")
-    _check(sample.churn >= 0, f"sample.churn={sample.churn:g} must be >= 0")
-    _check(sample.eval_num_steps >= 0, f"sample.eval_num_steps={sample.eval_num_steps} must be >= 0 (0 = sample.num_steps)")
-    _check(sample.sde_window >= 0, f"sample.sde_window={sample.sde_window} must be >= 0 (0 = every step an SDE step)")
-    _check(
+        check(value % 8 == 0, f"sample.{key}={value} is not a multiple of 8 (the VAE downsamples by 8)")
+    check_choice("sample.scheduler", sample.scheduler, SCHEDULERS)
+    check(sample.eta >= 0, f"sample.eta={sample.eta:g} must be >= 0")
+    check(sample.noise_level > 0, f"sample.noise_level={sample.noise_level:g} must be > 0 (0 makes the SDE an ODE, with no log-probability)")
+    check(sample.churn >= 0, f"sample.churn={sample.churn:g} must be >= 0")
+    check(sample.eval_num_steps >= 0, f"sample.eval_num_steps={sample.eval_num_steps} must be >= 0 (0 = sample.num_steps)")
+    check(sample.sde_window >= 0, f"sample.sde_window={sample.sde_window} must be >= 0 (0 = every step an SDE step)")
+    check(
         sample.sde_window <= sample.num_steps,
         f"sample.sde_window={sample.sde_window} exceeds sample.num_steps={sample.num_steps}: the window of SDE steps lies inside the chain",
     )
     # Every algorithm here trains on log-probabilities of the sampling policy (paper Sec. 4).
-    _check(
+    check(
         sample.scheduler != "ddim" or sample.eta > 0,
         "sample.eta=0 makes the DDIM policy deterministic; its log-probability is undefined (use e.g. 1.0)",
     )
 
-    _check_choice("train.algorithm", train.algorithm, tuple(ALGORITHMS))
     for key in ("epochs", "batch_size", "gradient_accumulation_steps", "inner_epochs", "stat_buffer_size",
                 "stat_min_count"):
         value = getattr(train, key)
-        _check(value >= 1, f"train.{key}={value} must be at least 1")
-    for key in ("lr", "adam_epsilon", "clip_range", "adv_clip_max", "max_grad_norm", "rwr_temperature"):
+        check(value >= 1, f"train.{key}={value} must be at least 1")
+    for key in ("lr", "adam_epsilon", "clip_range", "spo_epsilon", "adv_clip_max", "max_grad_norm", "rwr_temperature"):
         value = getattr(train, key)
-        _check(value > 0, f"train.{key}={value:g} must be > 0")
+        check(value > 0, f"train.{key}={value:g} must be > 0")
     for key in ("adam_beta1", "adam_beta2"):
         value = getattr(train, key)
-        _check(0 <= value < 1, f"train.{key}={value:g} must be in [0, 1)")
-    _check(train.adam_weight_decay >= 0, f"train.adam_weight_decay={train.adam_weight_decay:g} must be >= 0")
-    _check(
+        check(0 <= value < 1, f"train.{key}={value:g} must be in [0, 1)")
+    check(train.adam_weight_decay >= 0, f"train.adam_weight_decay={train.adam_weight_decay:g} must be >= 0")
+    check(
         train.timestep_chunk >= 0,
         f"train.timestep_chunk={train.timestep_chunk} must be >= 0 (0 = all trained timesteps in one model call)",
     )
-    _check(
+    check(
         0 < train.timestep_fraction <= 1,
         f"train.timestep_fraction={train.timestep_fraction:g} must be in (0, 1]",
     )
-    _check(
+    check(
         train.stat_min_count <= train.stat_buffer_size,
         f"train.stat_min_count={train.stat_min_count} exceeds train.stat_buffer_size={train.stat_buffer_size}, "
         "so per-prompt statistics would never be used",
     )
-    _check(0 <= train.rwr_percentile < 100, f"train.rwr_percentile={train.rwr_percentile:g} must be in [0, 100)")
-    _check(train.kl_weight >= 0, f"train.kl_weight={train.kl_weight:g} must be >= 0 (0 = no KL to the reference model)")
-    _check(
+    check(0 <= train.rwr_percentile < 100, f"train.rwr_percentile={train.rwr_percentile:g} must be in [0, 100)")
+    check(train.kl_weight >= 0, f"train.kl_weight={train.kl_weight:g} must be >= 0 (0 = no KL to the reference model)")
+    check(
         train.kl_weight == 0 or model.use_lora,
         f"train.kl_weight={train.kl_weight:g} needs model.use_lora=true: the reference model is the base with the LoRA disabled",
     )
     anchors = sample.anchor_batches_per_epoch
-    _check(anchors >= 0, f"sample.anchor_batches_per_epoch={anchors} must be >= 0")
-    _check(
+    check(anchors >= 0, f"sample.anchor_batches_per_epoch={anchors} must be >= 0")
+    check(
         (anchors > 0) == bool(config.prompts.anchor_source) == (train.anchor_kl_weight > 0),
         f"anchors need all three of sample.anchor_batches_per_epoch > 0 (it is {anchors}), prompts.anchor_source "
         f"(it is {config.prompts.anchor_source!r}) and train.anchor_kl_weight > 0 (it is {train.anchor_kl_weight:g}), or none of them",
     )
-    _check(anchors == 0 or model.use_lora, "anchors (sample.anchor_batches_per_epoch) need model.use_lora=true: their KL is to the base model, the LoRA disabled")
-    algorithm = ALGORITHMS[train.algorithm]
-    _check(
-        sample.sde_window == 0 or algorithm.sampler == "sde",
-        f"sample.sde_window={sample.sde_window} needs the SDE sampler, but train.algorithm={train.algorithm!r} samples "
-        f"with {algorithm.sampler!r} steps; set sample.sde_window=0",
-    )
-    try:
-        algorithm.check_config(config)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    if algorithm.shared_initial_noise:
-        _check(
-            sample.batch_size % sample.samples_per_prompt == 0,
-            f"sample.batch_size={sample.batch_size} must be a multiple of sample.samples_per_prompt={sample.samples_per_prompt} "
-            f"for {train.algorithm}, whose groups are sampled together",
-        )
-    if ALGORITHMS[train.algorithm].one_step_per_epoch:
-        _check(
-            train.inner_epochs == 1,
-            f"train.inner_epochs={train.inner_epochs} is not allowed with {train.algorithm}: it takes one gradient "
-            "step per batch of data (its gradient is unbiased only on fresh samples); use ddpo_is for more",
-        )
-        _check(
-            train.gradient_accumulation_steps == 1,
-            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} has no effect with "
-            f"{train.algorithm}, which accumulates the whole epoch into one step; leave it at 1",
-        )
+    check(anchors == 0 or model.use_lora, "anchors (sample.anchor_batches_per_epoch) need model.use_lora=true: their KL is to the base model, the LoRA disabled")
     # The old log-probs were recorded under guidance; recomputing them without it is another policy, and
     # every importance ratio would sit far outside the clip range.
-    _check(
+    check(
         train.cfg or sample.guidance_scale == 1.0,
         f"train.cfg=false with sample.guidance_scale={sample.guidance_scale:g}: samples come from the guided "
         "policy, so log-probs must be recomputed with guidance too (set train.cfg=true or guidance_scale=1)",
     )
 
-    _check_reward(reward)
-
-    try:
-        factory = prompt_source_factory(prompts.source)
-    except ValueError as error:
-        raise ConfigError(f"prompts.source: {error}") from error
-    if reads_file(factory):
-        _check(bool(prompts.file), f"prompts.source='{prompts.source}' needs prompts.file, one prompt per line")
-    else:
-        _check(not prompts.file, f"prompts.file is set but prompts.source='{prompts.source}' reads no file")
-    if prompts.anchor_source:
-        try:
-            anchor_factory = prompt_source_factory(prompts.anchor_source)
-        except ValueError as error:
-            raise ConfigError(f"prompts.anchor_source: {error}") from error
-        _check(not reads_file(anchor_factory), f"prompts.anchor_source='{prompts.anchor_source}' reads a file; anchors come from a registered list")
-
-    _check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
-    _check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
-    _check(log.num_eval_seeds >= 1, f"log.num_eval_seeds={log.num_eval_seeds} must be at least 1")
-    _check(log.eval_every >= 0, f"log.eval_every={log.eval_every} must be >= 0 (0 never evaluates)")
-    _check(log.eval_num_prompts >= 0, f"log.eval_num_prompts={log.eval_num_prompts} must be >= 0 (0 = all)")
-    heldout = heldout_reward_name(config)
-    if heldout is not None:
-        _check(heldout != reward.name or bool(reward.terms), f"log.heldout_reward={heldout!r} is the training reward; a held-out scorer must be another one")
-        try:
-            check_reward(heldout, {})
-        except ValueError as error:
-            raise ConfigError(f"log.heldout_reward: {error}") from error
-    _check(train.early_stop_patience >= 1, f"train.early_stop_patience={train.early_stop_patience} must be at least 1")
+    check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
+    check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    check(log.num_eval_seeds >= 1, f"log.num_eval_seeds={log.num_eval_seeds} must be at least 1")
+    check(log.eval_every >= 0, f"log.eval_every={log.eval_every} must be >= 0 (0 never evaluates)")
+    check(log.eval_num_prompts >= 0, f"log.eval_num_prompts={log.eval_num_prompts} must be >= 0 (0 = all)")
+    check(train.early_stop_patience >= 1, f"train.early_stop_patience={train.early_stop_patience} must be at least 1")
     if train.early_stop_on_heldout:
-        _check(log.eval_every >= 1, "train.early_stop_on_heldout=true needs the periodic evaluation: set log.eval_every >= 1")
-        _check(heldout is not None, "train.early_stop_on_heldout=true needs a held-out scorer: set log.heldout_reward")
-
-    derived_batch_sizes(config, num_processes=1)
+        check(log.eval_every >= 1, "train.early_stop_on_heldout=true needs the periodic evaluation: set log.eval_every >= 1")
 
 
-def heldout_reward_name(config: Config) -> str | None:
-    """The held-out scorer of `log.heldout_reward` after its default: the judge for Shapes prompts, else None."""
-    name = config.log.heldout_reward.strip()
-    if name == "none":
-        return None
-    if name:
-        return name
-    return "shapes_judge" if config.prompts.source.startswith("shapes_") else None
+@dataclass(frozen=True)
+class BatchSizes:
+    """The batch arithmetic of an epoch (`batch_sizes`), printed at start.
+
+    Attributes:
+        num_processes: processes of the run.
+        samples_per_epoch: scored samples (= reward queries) per epoch, all processes.
+        anchor_samples_per_epoch: unscored anchor samples per epoch, all processes.
+        samples_per_process: scored samples per process per epoch.
+        num_train_timesteps: denoising steps trained per sample: `train.timestep_fraction` of `sample.num_steps`
+            rounded down, or with `sample.sde_window` of the window's SDE steps rounded up.
+        minibatches_per_epoch: micro-batches per process per inner epoch.
+        accumulation_steps: micro-batches per optimizer step.
+        samples_per_optimizer_step: samples per optimizer step, all processes.
+        optimizer_steps_per_epoch: optimizer steps per epoch, over all inner epochs.
+    """
+
+    num_processes: int
+    samples_per_epoch: int
+    anchor_samples_per_epoch: int
+    samples_per_process: int
+    num_train_timesteps: int
+    minibatches_per_epoch: int
+    accumulation_steps: int
+    samples_per_optimizer_step: int
+    optimizer_steps_per_epoch: int
 
 
-def _check_reward_name(key: str, name: str, kwargs: dict) -> None:
-    """`key` is where the name sits (`reward` or `reward.terms[i]`); its kwargs sit beside it."""
-    for checked_key, checked_kwargs in ((f"{key}.name", None), (f"{key}.kwargs", kwargs)):
-        try:
-            check_reward(name, checked_kwargs)
-        except ValueError as error:
-            raise ConfigError(f"{checked_key}: {error}") from error
-
-
-def _check_reward(reward: RewardConfig) -> None:
-    if reward.url:
-        _check(not reward.terms, "reward.url serves one reward; for a weighted sum give a term name='remote' and kwargs.url")
-        _check_reward_name("reward", "remote", {"url": reward.url, **reward.kwargs})
-        return
-    if not reward.terms:
-        _check_reward_name("reward", reward.name, reward.kwargs)
-        return
-    _check(not reward.kwargs, "reward.kwargs applies to reward.name only; give each of reward.terms its kwargs")
-    for index, term in enumerate(reward.terms):
-        key = f"reward.terms[{index}]"
-        unknown = sorted(set(term) - set(_REWARD_TERM_KEYS))
-        _check(not unknown, f"{key} has unknown keys {unknown}; a term has name, weight and optional kwargs")
-        _check("name" in term and "weight" in term, f"{key} needs a name and a weight, e.g. {{name='x', weight=1.0}}")
-        _coerce(f"{key}.name", term["name"], str)
-        _check(math.isfinite(_coerce(f"{key}.weight", term["weight"], float)), f"{key}.weight must be finite")
-        _check_reward_name(key, term["name"], _coerce(f"{key}.kwargs", term.get("kwargs", {}), dict))
-
-
-def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
+def batch_sizes(config: Config, num_processes: int, *, one_step_per_epoch: bool) -> BatchSizes:
     """The batch arithmetic of an epoch, computed and checked here only.
 
     Each process samples `sample.batch_size x sample.num_batches_per_epoch` scored images per epoch (and
     `sample.batch_size x sample.anchor_batches_per_epoch` unscored anchors, dealt out to the micro-batches,
     which they do not count in); the trainer shuffles the scored ones and splits them into micro-batches of
-    `train.batch_size`, accumulating `train.gradient_accumulation_steps` micro-batches (ddpo_sf: all of them)
-    per optimizer step.
-
-    Returns:
-        num_processes; samples_per_epoch (scored samples = reward queries, all processes);
-        anchor_samples_per_epoch (all processes); samples_per_process (scored); num_train_timesteps (denoising
-        steps trained per sample: `train.timestep_fraction` of `sample.num_steps` rounded down, or with
-        `sample.sde_window` of the window's SDE steps rounded up); minibatches_per_epoch (micro-batches per
-        process per inner epoch); accumulation_steps (micro-batches per optimizer step);
-        samples_per_optimizer_step (all processes); optimizer_steps_per_epoch (over all inner epochs).
+    `train.batch_size`, accumulating `train.gradient_accumulation_steps` micro-batches per optimizer step
+    (with `one_step_per_epoch`, the algorithm's property, all of them: ddpo_sf).
 
     Raises:
         ConfigError: `train.batch_size` or `train.gradient_accumulation_steps` does not divide evenly.
@@ -714,18 +641,18 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
         raise ValueError(f"num_processes={num_processes} must be at least 1")
     sample, train = config.sample, config.train
     samples_per_process = sample.batch_size * sample.num_batches_per_epoch
-    _check(
+    check(
         samples_per_process % train.batch_size == 0,
         f"train.batch_size={train.batch_size} must divide the {samples_per_process} samples per process per "
         f"epoch (sample.batch_size={sample.batch_size} x "
         f"sample.num_batches_per_epoch={sample.num_batches_per_epoch})",
     )
     minibatches = samples_per_process // train.batch_size
-    if ALGORITHMS[train.algorithm].one_step_per_epoch:
+    if one_step_per_epoch:
         accumulation = minibatches
     else:
         accumulation = train.gradient_accumulation_steps
-        _check(
+        check(
             minibatches % accumulation == 0,
             f"train.gradient_accumulation_steps={accumulation} must divide the {minibatches} micro-batches per "
             f"process per epoch (sample.batch_size x sample.num_batches_per_epoch / train.batch_size)",
@@ -734,14 +661,14 @@ def derived_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
         num_train_timesteps = max(1, math.ceil(sample.sde_window * train.timestep_fraction))
     else:
         num_train_timesteps = max(1, int(sample.num_steps * train.timestep_fraction))
-    return {
-        "num_processes": num_processes,
-        "samples_per_epoch": samples_per_process * num_processes,
-        "anchor_samples_per_epoch": sample.batch_size * sample.anchor_batches_per_epoch * num_processes,
-        "samples_per_process": samples_per_process,
-        "num_train_timesteps": num_train_timesteps,
-        "minibatches_per_epoch": minibatches,
-        "accumulation_steps": accumulation,
-        "samples_per_optimizer_step": train.batch_size * accumulation * num_processes,
-        "optimizer_steps_per_epoch": train.inner_epochs * minibatches // accumulation,
-    }
+    return BatchSizes(
+        num_processes=num_processes,
+        samples_per_epoch=samples_per_process * num_processes,
+        anchor_samples_per_epoch=sample.batch_size * sample.anchor_batches_per_epoch * num_processes,
+        samples_per_process=samples_per_process,
+        num_train_timesteps=num_train_timesteps,
+        minibatches_per_epoch=minibatches,
+        accumulation_steps=accumulation,
+        samples_per_optimizer_step=train.batch_size * accumulation * num_processes,
+        optimizer_steps_per_epoch=train.inner_epochs * minibatches // accumulation,
+    )

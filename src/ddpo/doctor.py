@@ -80,7 +80,8 @@ class DoctorReport:
 def run_doctor(config: Config, *, num_prompts: int | None = None) -> DoctorReport:
     """Build the run `config` describes and check it (see the module docstring). Raises what `Trainer` raises
     on bad input (ConfigError, RewardError, ...)."""
-    from .train import Trainer, resident_memory_mb
+    from .training.loop import Trainer
+    from .training.record import resident_memory_mb
 
     with tempfile.TemporaryDirectory(prefix="ddpo-doctor-") as work:
         trainer = Trainer(config, f"{work}/run", progress=False)
@@ -109,9 +110,9 @@ def run_doctor(config: Config, *, num_prompts: int | None = None) -> DoctorRepor
 
             num_batches = config.sample.num_batches_per_epoch + config.sample.anchor_batches_per_epoch
             sample_epoch = sample_seconds * num_batches * config.sample.batch_size / batch
-            reward_epoch = reward_seconds_per_image * sizes["samples_per_process"]
-            chunk = config.train.timestep_chunk or sizes["num_train_timesteps"]
-            calls = config.train.inner_epochs * sizes["minibatches_per_epoch"] * math.ceil(sizes["num_train_timesteps"] / chunk)
+            reward_epoch = reward_seconds_per_image * sizes.samples_per_process
+            chunk = config.train.timestep_chunk or sizes.num_train_timesteps
+            calls = config.train.inner_epochs * sizes.minibatches_per_epoch * math.ceil(sizes.num_train_timesteps / chunk)
             train_epoch = train_seconds_per_micro_step * calls
             # The reward scores each batch in a thread while the next one samples: only what it adds beyond is waited for.
             epoch_seconds = sample_epoch + max(0.0, reward_epoch - sample_epoch * (num_batches - 1) / max(num_batches, 1)) + train_epoch
@@ -125,16 +126,16 @@ def run_doctor(config: Config, *, num_prompts: int | None = None) -> DoctorRepor
                 "sample_seconds": round(sample_epoch, 3),
                 "reward_seconds": round(reward_epoch, 3),
                 "train_seconds": round(train_epoch, 3),
-                "reward_queries_per_hour": round(sizes["samples_per_epoch"] / epoch_seconds * 3600, 1) if epoch_seconds > 0 else None,
+                "reward_queries_per_hour": round(sizes.samples_per_epoch / epoch_seconds * 3600, 1) if epoch_seconds > 0 else None,
                 "epochs": config.train.epochs,
                 "run_hours": round(epoch_seconds * config.train.epochs / 3600, 3),
                 "peak_memory": peak,
-                "measured_on": f"{sizes['num_processes']} process(es); {trainer.accelerator.device}; one batch of {batch} timed after a warm-up sample; the fastest of 3+ training calls after a warm-up call",
+                "measured_on": f"{sizes.num_processes} process(es); {trainer.accelerator.device}; one batch of {batch} timed after a warm-up sample; the fastest of 3+ training calls after a warm-up call",
             }
             setup = {
                 "model": config.model.pretrained, "algorithm": config.train.algorithm, "reward": trainer.reward.name,
                 "device": str(trainer.accelerator.device), "mixed_precision": config.model.mixed_precision,
-                "samples_per_epoch": sizes["samples_per_epoch"], "num_steps": config.sample.num_steps,
+                "samples_per_epoch": sizes.samples_per_epoch, "num_steps": config.sample.num_steps,
             }  # fmt: skip
             return DoctorReport(checks, forecast, setup)
         finally:
@@ -168,9 +169,10 @@ def _steps_with_log_probs(trajectory) -> torch.Tensor:
 def _check_on_policy(trainer, trajectory) -> tuple[Check, float]:
     """Recompute the log-probs of a training minibatch as `Trainer.update` does (with gradients), per step."""
     config, policy, algorithm = trainer.config, trainer.policy, trainer.algorithm
+    tolerance, key = algorithm.trust_region if algorithm.uses_importance_ratio else (config.train.clip_range, "train.clip_range")
     part = trajectory.select(list(range(min(config.train.batch_size, len(trajectory)))))
     steps = _steps_with_log_probs(part)
-    chunk = config.train.timestep_chunk or trainer.sizes["num_train_timesteps"]
+    chunk = config.train.timestep_chunk or trainer.sizes.num_train_timesteps
     rows = torch.arange(len(part), device=part.latents.device)[:, None]
     errors, clipped, timings = [], [], []
     # A warm-up call first (its forward and backward pay for allocations and kernel choices), then two more timed
@@ -192,7 +194,7 @@ def _check_on_policy(trainer, trajectory) -> tuple[Check, float]:
         # ratio - 1 in float64: an fp32 ratio rounds deviations under 1.2e-7 to exactly 1
         ratio_minus_1 = (log_prob.detach().double() - old_log_prob.double()).expm1()
         errors.append(ratio_minus_1.abs().amax(dim=0).cpu())
-        clipped.append((ratio_minus_1.abs() > config.train.clip_range).float().mean(dim=0).cpu())
+        clipped.append((ratio_minus_1.abs() > tolerance).float().mean(dim=0).cpu())
     trainer.optimizer.zero_grad(set_to_none=True)
     per_step = torch.cat(errors)
     clip_fraction = torch.cat(clipped)
@@ -203,13 +205,13 @@ def _check_on_policy(trainer, trajectory) -> tuple[Check, float]:
         "per_step_max_abs_ratio_minus_1": [float(v) for v in per_step],
         "clip_fraction": float(clip_fraction.mean()),
         "per_step_clip_fraction": [float(v) for v in clip_fraction],
-        "clip_range": config.train.clip_range,
+        "clip_range": tolerance,
         "steps": [int(s) for s in steps],
     }
-    measured = f"max |ratio-1| {worst:.3g} over {len(steps)} steps (worst step {int(steps[int(per_step.argmax())])}); {float(clip_fraction.mean()):.1%} clipped at train.clip_range={config.train.clip_range:g}"
+    measured = f"max |ratio-1| {worst:.3g} over {len(steps)} steps (worst step {int(steps[int(per_step.argmax())])}); {float(clip_fraction.mean()):.1%} clipped at {key}={tolerance:g}"
     if not algorithm.uses_importance_ratio:
         return Check("on_policy", SKIP, measured + f" ({algorithm.name} uses no importance ratio)", values=values), micro_step_seconds
-    status = FAIL if worst > config.train.clip_range else PASS
+    status = FAIL if worst > tolerance else PASS
     return Check("on_policy", status, measured, ON_POLICY_KEYS, values), micro_step_seconds
 
 

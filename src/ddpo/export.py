@@ -20,8 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, load_config
-from .run_directory import RunDirectory, RunDirectoryError, read_jsonl, run_of_checkpoint
+from .config import Config
+from .training.assemble import load_config
+from .training.run_directory import RunDirectory, RunDirectoryError, read_jsonl, run_of_checkpoint
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CARD_TAGS = ["diffusers", "text-to-image", "reinforcement-learning", "ddpo"]
@@ -65,7 +66,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | int = 
             pipe.fuse_lora()
             pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
         elif not is_lora:
-            from .run_directory import load_checkpoint_into
+            from .training.run_directory import load_checkpoint_into
 
             load_checkpoint_into(pipe, checkpoint_dir)
         pipe.save_pretrained(tmp, safe_serialization=True)

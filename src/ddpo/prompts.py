@@ -16,15 +16,13 @@ Prompt text follows the authors' code rather than a tidier form: the paper state
 kvablack/ddpo-pytorch) prompt the other tasks with the bare list entry, ImageNet's synonyms and Latin name
 included. Keeping the exact strings keeps reward curves comparable with the paper's.
 
-The Shapes world (`ddpo.toyworld`) registers its `shapes_*` sources when imported; a name not registered
+The Shapes world (`ddpo.shapes`) registers its `shapes_*` sources when imported; a name not registered
 yet triggers that import once.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
-import importlib
 import inspect
 import random
 from collections.abc import Callable
@@ -33,10 +31,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
+from ddpo.registry import Registry
+
 NUM_IMAGENET_ANIMALS = 398
 """ImageNet-1000 classes 0..397 are animals; the paper samples compressibility prompts from all of them."""
 
-_PLUGIN_PACKAGES = ("ddpo.toyworld",)
+_PLUGIN_PACKAGES = ("ddpo.shapes",)
 """Packages that register more sources on import; imported once when a name is not found."""
 
 
@@ -69,46 +69,33 @@ class ListPromptSource:
 
 
 PromptSourceFactory = Callable[..., PromptSource]
-_SOURCES: dict[str, PromptSourceFactory] = {}
+SOURCES: Registry[PromptSourceFactory] = Registry("prompt source", _PLUGIN_PACKAGES, PromptSourceError)
 
 
-def register_prompt_source(name: str) -> Callable[[PromptSourceFactory], PromptSourceFactory]:
-    """Decorator registering `factory() -> PromptSource` under `name` (the value of `prompts.source`)."""
+def register_prompt_source(name: str, *, heldout_source: str | None = None, heldout_reward: str | None = None) -> Callable[[PromptSourceFactory], PromptSourceFactory]:
+    """Decorator registering `factory() -> PromptSource` under `name` (the value of `prompts.source`).
 
-    def decorator(factory: PromptSourceFactory) -> PromptSourceFactory:
-        if name in _SOURCES:
-            raise ValueError(f"prompt source {name!r} is already registered")
-        _SOURCES[name] = factory
-        return factory
-
-    return decorator
-
-
-@functools.cache
-def _import_plugins() -> None:
-    for package in _PLUGIN_PACKAGES:
-        importlib.import_module(package)
+    Args:
+        heldout_source: the registered source of its unseen prompts (evaluation's held-out group), if any.
+        heldout_reward: the scorer the evaluation judges its samples with by default (`log.heldout_reward`).
+    """
+    return SOURCES.register(name, heldout_source=heldout_source, heldout_reward=heldout_reward)
 
 
 def available_prompt_sources() -> list[str]:
     """Names of all registered prompt sources, the Shapes world's included."""
-    _import_plugins()
-    return sorted(_SOURCES)
+    return SOURCES.names()
 
 
 def prompt_source_factory(name: str) -> PromptSourceFactory:
     """The factory registered as `name`.
 
     Raises:
-        ValueError: `name` is not registered; the message suggests the nearest registered name.
+        PromptSourceError: `name` is not registered; the message suggests the nearest registered name.
     """
-    if name not in _SOURCES:
-        _import_plugins()
-    if name not in _SOURCES:
-        close = difflib.get_close_matches(name, _SOURCES, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"available: {', '.join(sorted(_SOURCES))}"
-        raise PromptSourceError(f"unknown prompt source {name!r} ({hint})")
-    return _SOURCES[name]
+    if name not in SOURCES:
+        raise SOURCES.unknown(name, "available")
+    return SOURCES.get(name)
 
 
 def reads_file(factory: PromptSourceFactory) -> bool:

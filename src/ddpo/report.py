@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .run_directory import CHECKPOINT_PATTERN, RunDirectory, RunDirectoryError, read_jsonl, write_text_atomic
+from ddpo.training.run_directory import CHECKPOINT_PATTERN, RunDirectory, RunDirectoryError, read_jsonl, write_text_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib

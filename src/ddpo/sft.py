@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from .config import Config, ConfigError, save_config
-from .run_directory import TRAINER_STATE, RunDirectory, RunDirectoryError, resolve_adapter_dir, write_text_atomic
+from .training.run_directory import TRAINER_STATE, RunDirectory, RunDirectoryError, resolve_adapter_dir, write_text_atomic
 from .utils import derive_seed, image_grid
 
 SFT_FILE = "sft.json"

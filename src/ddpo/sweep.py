@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import load_config
-from .run_directory import RunDirectory, RunDirectoryError, run_of_checkpoint, write_text_atomic
+from .training.assemble import load_config
+from .training.run_directory import RunDirectory, RunDirectoryError, run_of_checkpoint, write_text_atomic
 
 
 class SweepError(ValueError):
@@ -62,7 +62,7 @@ def run_sweep(run_dir: str | Path, cfg_scales: list[float], rl_scales: list[floa
     import torch
 
     from .cli import _policy_for
-    from .evaluate import eval_generator, eval_prompts_of, eval_rewards_of, sample_eval_set, score_eval_set, summarize
+    from .training.evaluate import eval_generator, eval_prompts_of, eval_rewards_of, sample_eval_set, score_eval_set, summarize
     from .guidance import rl_guidance
     from .policy import SamplingOptions
 

@@ -76,6 +76,8 @@ class Algorithm(Protocol):
             log-probs) or "churn" (FDFO's churned Euler steps). DDIM policies have their own.
         shared_initial_noise: the samples of a group (`sample.samples_per_prompt`) start from one initial noise.
         regularizers: the penalties added to its loss (KL to the reference model, the anchors' KL), from the config.
+        trust_region: where `uses_importance_ratio`, how far (and under which config key) its objective lets the
+            ratio move from 1 before it clips or penalises: the first step's ratios must stay inside it.
     """
 
     name: str
@@ -84,6 +86,7 @@ class Algorithm(Protocol):
     sampler: str
     shared_initial_noise: bool
     regularizers: tuple[Regularizer, ...]
+    trust_region: tuple[float, str]
 
     @classmethod
     def from_config(cls, train: Any) -> "Algorithm":
@@ -186,6 +189,11 @@ class TrajectoryStepAlgorithm:
     sampler = "sde"
     shared_initial_noise = False
     regularizers: tuple[Regularizer, ...] = ()
+
+    @property
+    def trust_region(self) -> tuple[float, str]:
+        """PPO's clip range (`train.clip_range`) where the algorithm clips its ratio."""
+        return getattr(self, "clip_range", float("inf")), "train.clip_range"
 
     @classmethod
     def check_config(cls, config: Any) -> None:

@@ -10,7 +10,7 @@ reward difference along the endpoint difference is a finite-difference estimate 
 At every step of a branch the same dx is used (no backpropagation through the chain): the velocity target is
 v_target = v_ref - dx, with v_ref the velocity recorded while sampling; the pseudo log-likelihood is
 ps = -mean((v - v_target)^2), the ratio r = exp(ps - ps_ref) with ps_ref = -mean(dx^2) (= ps at v = v_ref), and
-the loss is the SPO surrogate -dR r + |dR| / (2 eps) (r - 1)^2 with eps = `train.clip_range` (3e-2 in the
+the loss is the SPO surrogate -dR r + |dR| / (2 eps) (r - 1)^2 with eps = `train.spo_epsilon` (3e-2 in the
 paper). The KL to the base model, `train.kl_weight` * mean((v - v_base)^2), is the trainer's. CFG is off in
 the paper's default (sample.guidance_scale = 1): FDFO is meant to make it unnecessary.
 """
@@ -49,11 +49,20 @@ class FiniteDifferenceFlowOptimization(TrajectoryStepAlgorithm):
 
     @classmethod
     def from_config(cls, train: Any) -> "FiniteDifferenceFlowOptimization":
-        """Built from the `train` config section: eps of the SPO surrogate is `train.clip_range`."""
-        return cls(epsilon=train.clip_range)
+        """Built from the `train` config section: eps of the SPO surrogate is `train.spo_epsilon`."""
+        return cls(epsilon=train.spo_epsilon)
+
+    @property
+    def trust_region(self) -> tuple[float, str]:
+        return self.epsilon, "train.spo_epsilon"
 
     @classmethod
     def check_config(cls, config: Any) -> None:
+        if config.train.clip_range != type(config.train)().clip_range:
+            raise ValueError(
+                f"train.clip_range={config.train.clip_range:g} is PPO's clip range, which fdfo does not use; "
+                "its trust region is train.spo_epsilon (the SPO surrogate's eps)"
+            )
         sample = config.sample
         if sample.samples_per_prompt != 2:
             raise ValueError(f"sample.samples_per_prompt={sample.samples_per_prompt}: fdfo samples each prompt as one pair; set it to 2")

@@ -296,7 +296,7 @@ class DDPOTrainer:
         import torch
 
         from .. import api
-        from ..train import Trainer
+        from ddpo.training.loop import Trainer
 
         if not isinstance(sd_pipeline, DefaultDDPOStableDiffusionPipeline):
             raise UnsupportedOptionError(f"sd_pipeline must be a DefaultDDPOStableDiffusionPipeline, got {type(sd_pipeline).__name__} (custom DDPOStableDiffusionPipeline subclasses are not supported)")
@@ -308,7 +308,7 @@ class DDPOTrainer:
         self.reward = _TrlReward(reward_function)
         self.image_samples_hook = image_samples_hook
         if config.resume_from:
-            from ..run_directory import RunDirectory
+            from ddpo.training.run_directory import RunDirectory
 
             run = RunDirectory.open(config.resume_from)  # RunDirectoryError naming the path
             ddpo_config = api.load_config(run.config_path, **{k.replace(".", "__"): v for k, v in overrides.items() if k.startswith(("train.epochs", "log."))})
@@ -339,7 +339,7 @@ class DDPOTrainer:
     def _call_hook(self, epoch: int, trainer) -> None:
         batches, self.reward.batches = self.reward.batches, []
         if self.image_samples_hook is not None and trainer.accelerator.is_main_process:
-            global_step = epoch * trainer.sizes["optimizer_steps_per_epoch"]
+            global_step = epoch * trainer.sizes.optimizer_steps_per_epoch
             self.image_samples_hook(batches, global_step, trainer.accelerator.trackers[0])
 
     def train(self, epochs: Optional[int] = None) -> None:
@@ -370,7 +370,7 @@ class DDPOTrainer:
         metrics, seconds = trainer.update(number, samples, advantages)
         trainer.record(number, samples, metrics, seconds)
         trainer.last_epoch = number
-        return global_step + trainer.sizes["optimizer_steps_per_epoch"]
+        return global_step + trainer.sizes.optimizer_steps_per_epoch
 
     def save_model(self, output_dir: Optional[str] = None) -> Path:
         """`ddpo export` of the latest checkpoint (base pipeline + LoRA, with a model card) into `output_dir`."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .base import DiffusersPolicy, LoraOptions
+from .base import DiffusersPolicy, LoraOptions, TrainablePolicy
 from ..core.trajectory import StepPrediction, Trajectory
 from .diffusion import DiffusionPolicy, FlowSamplingOptions, SamplingOptions
 from .families import family_of
@@ -31,7 +31,7 @@ def resolve_model(pretrained: str) -> str:
     """A shipped model's name -> its directory; anything else (hub id, path) unchanged."""
     if pretrained not in SHIPPED_MODELS:
         return pretrained
-    from ..toyworld import WEIGHTS_DIR, shipped_pipeline_dir
+    from ..shapes import WEIGHTS_DIR, shipped_pipeline_dir
 
     if pretrained == "shapes":
         return str(shipped_pipeline_dir())
@@ -112,7 +112,7 @@ def build_policy(config, device: torch.device | str = "cpu", inference_dtype: to
 
 
 __all__ = [
-    "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SamplingOptions",
+    "DiffusersPolicy", "FlowMatchingPolicy", "FlowSamplingOptions", "LoraOptions", "PolicyLoadError", "SamplingOptions", "TrainablePolicy",
     "StableDiffusionPolicy", "StepPrediction", "Trajectory", "UNetFlowPolicy", "build_policy", "is_flow_pipeline",
     "load_pipeline", "policy_for_pipeline", "resolve_model", "sampling_policy",
 ]  # fmt: skip

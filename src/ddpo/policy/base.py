@@ -9,8 +9,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ddpo.core.trajectory import StepPrediction, Trajectory
 
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -21,6 +25,32 @@ class LoraOptions:
     rank: int = 4
     alpha: float = 4.0
     target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+class TrainablePolicy(Protocol):
+    """What the trainer asks of a policy (`ddpo.training`): sample chains, predict at their steps with gradients,
+    expose and save the trained weights. Every family adapter (`DiffusionPolicy` and its subclasses) is one."""
+
+    model: torch.nn.Module  # the trained network
+    denoiser: torch.nn.Module  # the network as the accelerator wraps it (DDP, FSDP, DeepSpeed)
+
+    def sample(self, prompts: list[str], generators: list[torch.Generator], metadata: list[dict] | None = None, **options: Any) -> Trajectory:
+        """Chains for `prompts`, sample i's randomness from `generators[i]`, with log-probs and decoded images."""
+        ...
+
+    def predict(self, trajectory: Trajectory, step_indices: torch.Tensor, *, reference: bool = False) -> StepPrediction:
+        """The policy at steps (B, K) of `trajectory`, with gradients through the trainable weights."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def save_adapter(self, directory: str | Path, network_state: dict[str, torch.Tensor] | None = None) -> None:
+        """The trained weights in diffusers' format (`pipe.load_lora_weights(directory)` loads a LoRA)."""
+        ...
+
+    def evaluation(self) -> ContextManager[None]:
+        """Sample with the evaluation settings (e.g. `sample.eval_num_steps`) inside the block."""
+        ...
 
 
 def encode_each_distinct(prompts: Sequence[str], encode_one: Callable[[str], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: 
     With `flow`, the scheduler is `FlowMatchEulerDiscreteScheduler` (shift 1), the Shapes flow twin's setup: the
     UNet is read as a velocity model with timestep input 1000 * sigma.
     """
-    from ..toyworld.tokenizer import write_tokenizer
+    from ..shapes.tokenizer import write_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -88,7 +88,7 @@ def _tiny_ddim_scheduler(prediction_type: str) -> DDIMScheduler:
 
 
 def _clip_tokenizer(words: tuple[str, ...]):
-    from ..toyworld.tokenizer import write_tokenizer
+    from ..shapes.tokenizer import write_tokenizer
 
     with tempfile.TemporaryDirectory() as directory:
         return write_tokenizer(Path(directory), list(words))

@@ -2,7 +2,7 @@
 
 A feature extractor is named by a string saved with the model, so that `preference:PATH` rebuilds it:
 
-- `shapes-describer`: the Shapes world's describer (`ddpo.toyworld.recognizers.Describer`), its 128-d
+- `shapes-describer`: the Shapes world's describer (`ddpo.shapes.recognizers.Describer`), its 128-d
   penultimate layer, for the image; hashed bag of words for the prompt.
 - `clip:MODEL`: any CLIP checkpoint (hub id or directory, transformers `CLIPModel`): unit-norm image and
   text embeddings (`ddpo.rewards.clip.CLIPEmbedder`).
@@ -51,13 +51,13 @@ class ShapesDescriberFeatures:
     name = SHAPES_DESCRIBER
 
     def __init__(self) -> None:
-        from ddpo.toyworld.rewards import load_describer
+        from ddpo.shapes.rewards import load_describer
 
         self.describer = load_describer()
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        from ddpo.toyworld.recognizers import images_to_tensor
+        from ddpo.shapes.recognizers import images_to_tensor
 
         parts = [self.describer.features(images_to_tensor(images[start : start + 256])) for start in range(0, len(images), 256)]
         return torch.cat(parts).float() if parts else torch.zeros(0, 128)

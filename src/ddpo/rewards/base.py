@@ -9,9 +9,6 @@ wrapped by `checked_reward`: an exception, a wrong number of scores or a non-fin
 
 from __future__ import annotations
 
-import difflib
-import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-_PLUGIN_PACKAGES = ("ddpo.toyworld",)
+from ddpo.registry import Registry, import_reference
+
+_PLUGIN_PACKAGES = ("ddpo.shapes",)
 """Packages that register more rewards on import; imported once when a name is not found."""
 
 
@@ -45,47 +44,30 @@ class RewardError(RuntimeError):
 
 
 RewardFactory = Callable[..., Reward]
-_FACTORIES: dict[str, RewardFactory] = {}
-_PATH_ARGUMENTS: dict[str, str] = {}
-"""Rewards also named `name:PATH` (e.g. `preference:model.safetensors`): name -> the factory's keyword for PATH."""
+REWARDS: Registry[RewardFactory] = Registry("reward", _PLUGIN_PACKAGES)
 
 
 def register_reward(name: str, *, path_argument: str | None = None) -> Callable[[RewardFactory], RewardFactory]:
     """Decorator registering `factory(**kwargs) -> Reward` under `name` (the value of `reward.name`). With
     `path_argument`, `name:PATH` also names the reward: the factory gets `path_argument=PATH`."""
-
-    def decorator(factory: RewardFactory) -> RewardFactory:
-        if name in _FACTORIES:
-            raise ValueError(f"reward {name!r} is already registered")
-        _FACTORIES[name] = factory
-        if path_argument:
-            _PATH_ARGUMENTS[name] = path_argument
-        return factory
-
-    return decorator
+    return REWARDS.register(name, path_argument=path_argument)
 
 
 def _with_path(name: str, kwargs: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any] | None]:
     """`name:PATH` of a reward registered with a path argument -> (name, kwargs with that argument = PATH);
     anything else unchanged."""
     prefix, colon, path = name.partition(":")
-    if not colon or prefix not in _PATH_ARGUMENTS:
+    argument = REWARDS.attribute(prefix, "path_argument") if colon else None
+    if not argument:
         return name, kwargs
     if not path:
         raise ValueError(f"reward {name!r} needs a path after '{prefix}:'")
-    return prefix, None if kwargs is None else {**kwargs, _PATH_ARGUMENTS[prefix]: path}
-
-
-@functools.cache
-def _import_plugins() -> None:
-    for package in _PLUGIN_PACKAGES:
-        importlib.import_module(package)
+    return prefix, None if kwargs is None else {**kwargs, argument: path}
 
 
 def available_rewards() -> list[str]:
     """Names of all registered rewards, the Shapes world's included."""
-    _import_plugins()
-    return sorted(_FACTORIES)
+    return REWARDS.names()
 
 
 def score(
@@ -170,16 +152,7 @@ def checked_reward(name: str, reward: Callable[..., Any]) -> CheckedReward:
 
 def _import_reference(reference: str) -> Callable[..., Any]:
     """The callable named by `"package.module:attribute"` (the attribute may be dotted)."""
-    module_name, _, attribute = reference.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import module {module_name!r} of reward {reference!r}: {error}") from error
-    target: Any = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attribute!r} (reward {reference!r})")
-        target = getattr(target, part)
+    target = import_reference(reference, "reward")
     if not callable(target):
         raise ValueError(f"reward {reference!r} is a {type(target).__name__}, not a callable")
     return target
@@ -202,16 +175,12 @@ def check_reward(name: str, kwargs: Mapping[str, Any] | None) -> None:
         if kwargs:
             raise ValueError(f"reward {name!r} is a reward callable, which takes no kwargs; got {sorted(kwargs)}")
         return
-    if name not in _FACTORIES:
-        _import_plugins()
-    if name not in _FACTORIES:
-        close = difflib.get_close_matches(name, _FACTORIES, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"registered: {', '.join(sorted(_FACTORIES))}"
-        raise ValueError(f"unknown reward {name!r} ({hint}); or give 'package.module:function'")
+    if name not in REWARDS:
+        raise ValueError(f"{REWARDS.unknown(name)}; or give 'package.module:function'")
     if kwargs is None:
         return
     try:
-        inspect.signature(_FACTORIES[name]).bind(**kwargs)
+        inspect.signature(REWARDS.get(name)).bind(**kwargs)
     except TypeError as error:
         raise ValueError(f"reward {name!r} does not accept kwargs {sorted(kwargs)}: {error}") from error
 
@@ -227,7 +196,7 @@ def build_reward(name: str, **kwargs: Any) -> CheckedReward:
     factory_name, factory_kwargs = _with_path(name, kwargs)
     if ":" in factory_name:
         return checked_reward(name, _import_reference(name))
-    return checked_reward(name, _FACTORIES[factory_name](**factory_kwargs))
+    return checked_reward(name, REWARDS.get(factory_name)(**factory_kwargs))
 
 
 @dataclass

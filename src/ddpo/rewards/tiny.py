@@ -26,7 +26,7 @@ def save_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, p
     """A random `CLIPModel` (2 layers, width 16), its CLIP tokenizer and PIL image processor in `directory`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from ddpo.toyworld.tokenizer import write_tokenizer
+    from ddpo.shapes.tokenizer import write_tokenizer
 
     directory = Path(directory)
     tokenizer = write_tokenizer(directory, list(TINY_WORDS))

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config, heldout_reward_name
-from .prompts import build_prompt_source, read_prompt_lines
-from .rewards import CheckedReward, RewardError, build_reward, build_reward_from_config
-from .utils import derive_seed
+from ddpo.config import Config
+from ddpo.training.assemble import heldout_reward_name
+from ddpo.prompts import SOURCES, build_prompt_source, read_prompt_lines
+from ddpo.rewards import CheckedReward, RewardError, build_reward, build_reward_from_config
+from ddpo.utils import derive_seed
 
 TRAINED, HELDOUT = "trained", "heldout"
 GROUPS = (TRAINED, HELDOUT)
-SHAPES_HELDOUT_SOURCES = {"shapes_unusual_train": "shapes_unusual_heldout"}
 """The held-out prompt source of a Shapes training source, when `prompts.heldout_file` is empty."""
 
 
@@ -53,7 +53,8 @@ def spread(items: list[str], limit: int) -> list[str]:
 
 def eval_prompts_of(config: Config, heldout_file: str | Path | None = None, limit: int = 0) -> EvalPrompts:
     """Trained prompts (`prompts.eval_prompts`, else every prompt of the source) and held-out prompts
-    (`heldout_file`, else `prompts.heldout_file`, else the Shapes world's held-out half), `limit` per group.
+    (`heldout_file`, else `prompts.heldout_file`, else the source's registered held-out source, e.g. the Shapes
+    world's held-out half), `limit` per group.
 
     Every prompt the run's source can draw counts as trained, every other one as held out, whichever list
     it came from.
@@ -66,8 +67,8 @@ def eval_prompts_of(config: Config, heldout_file: str | Path | None = None, limi
         candidates = read_prompt_lines(heldout_file, "--prompts")
     elif config.prompts.heldout_file:
         candidates = read_prompt_lines(config.prompts.heldout_file, "prompts.heldout_file")
-    elif config.prompts.source in SHAPES_HELDOUT_SOURCES:
-        heldout_source = build_prompt_source(SHAPES_HELDOUT_SOURCES[config.prompts.source])
+    elif SOURCES.attribute(config.prompts.source, "heldout_source"):
+        heldout_source = build_prompt_source(SOURCES.attribute(config.prompts.source, "heldout_source"))
         candidates = list(heldout_source.prompts)
         metadata.update({p: dict(m) for p, m in zip(heldout_source.prompts, heldout_source.metadata)})
     else:
@@ -83,7 +84,7 @@ def eval_prompts_of(config: Config, heldout_file: str | Path | None = None, limi
 
 def eval_rewards_of(config: Config, names: Sequence[str] = ()) -> dict[str, CheckedReward]:
     """Rewards by name: `names` if given, else the run's training reward and its held-out scorer (if any).
-    A Shapes run is always also scored by the judge (`shapes_judge`)."""
+    A run is always also scored by its prompt source's registered held-out scorer (Shapes: `shapes_judge`)."""
     if names:
         rewards = {}
         for name in dict.fromkeys(names):
@@ -97,8 +98,9 @@ def eval_rewards_of(config: Config, names: Sequence[str] = ()) -> dict[str, Chec
         heldout = heldout_reward_name(config)
         if heldout is not None and heldout not in rewards:
             rewards[heldout] = build_reward(heldout)
-    if config.prompts.source.startswith("shapes_") and "shapes_judge" not in rewards:
-        rewards["shapes_judge"] = build_reward("shapes_judge")
+    source_judge = SOURCES.attribute(config.prompts.source, "heldout_reward")
+    if source_judge and source_judge not in rewards:
+        rewards[source_judge] = build_reward(source_judge)
     return rewards
 
 

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from .config import Config, ConfigError
+from ddpo.config import Config, ConfigError
 
 OPTIMIZER_LAYOUTS = ("torch", "full-by-name", "deepspeed-zero")
 

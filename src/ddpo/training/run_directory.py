@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint_integrity import checkpoint_problem, write_checksums
+from ddpo.training.checksums import checkpoint_problem, write_checksums
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})$")
 PARTIAL_PATTERN = re.compile(r"^epoch-(\d{4,})-partial$")

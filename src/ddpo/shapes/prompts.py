@@ -11,13 +11,15 @@
   three objects for them, so a labeller's taste for fewer objects has room to act (people-in-the-loop tests).
 
 Metadata of each prompt: `count` (1-3), `color`, `shape` and `group` ("common", "unusual_train",
-"unusual_heldout" (the names `ddpo.toyworld.evaluation` reports under) or "unusual_other"); the open-count
+"unusual_heldout" (the names `ddpo.shapes.evaluation` reports under) or "unusual_other"); the open-count
 prompts have no `count`, and group "open_count".
 """
 
 from __future__ import annotations
 
 from ddpo.prompts import ListPromptSource, register_prompt_source
+
+JUDGE = "shapes_judge"  # the held-out scorer of every Shapes source: no algorithm trains on it (ddpo.shapes.rewards)
 
 from .render import COMMON, COUNTS, PLURALS, SHAPES, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_TRAIN, caption
 
@@ -42,31 +44,31 @@ def shapes_source(*groups: str) -> ListPromptSource:
     return ListPromptSource(prompts, metadata)
 
 
-@register_prompt_source("shapes_unusual_train")
+@register_prompt_source("shapes_unusual_train", heldout_source="shapes_unusual_heldout", heldout_reward=JUDGE)
 def shapes_unusual_train() -> ListPromptSource:
     """The 9 captions of the unusual pairs RL trains on, e.g. "two red crosses"."""
     return shapes_source("unusual_train")
 
 
-@register_prompt_source("shapes_unusual_heldout")
+@register_prompt_source("shapes_unusual_heldout", heldout_reward=JUDGE)
 def shapes_unusual_heldout() -> ListPromptSource:
     """The 6 captions of the held-out unusual pairs, e.g. "a cyan cross"."""
     return shapes_source("unusual_heldout")
 
 
-@register_prompt_source("shapes_common")
+@register_prompt_source("shapes_common", heldout_reward=JUDGE)
 def shapes_common() -> ListPromptSource:
     """The 27 captions of the common pairs, e.g. "three blue triangles"."""
     return shapes_source("common")
 
 
-@register_prompt_source("shapes_all")
+@register_prompt_source("shapes_all", heldout_reward=JUDGE)
 def shapes_all() -> ListPromptSource:
     """All 108 captions of the Shapes world."""
     return shapes_source("common", "unusual_train", "unusual_heldout", "unusual_other")
 
 
-@register_prompt_source("shapes_open_count")
+@register_prompt_source("shapes_open_count", heldout_reward=JUDGE)
 def shapes_open_count() -> ListPromptSource:
     """Prompts without a count, e.g. "red circles" and "circles": how many objects is left to the model."""
     prompts = [f"{color} {PLURALS[shape]}" for color, shape in COMMON] + [PLURALS[shape] for shape in SHAPES]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpo.toyworld.render import (
+from ddpo.shapes.render import (
     COLORS, COMMON, COUNTS, SHAPES, UNUSUAL, UNUSUAL_HELDOUT, UNUSUAL_PRETRAIN_FRACTION, UNUSUAL_TRAIN,
     Scene, caption, parse_caption, random_scene, render,
 )  # fmt: skip
@@ -68,7 +68,7 @@ def test_rendering_is_deterministic_and_has_a_64_pixel_option():
 
 
 def test_unusual_pairs_are_split_and_rare_in_pretraining():
-    from ddpo.toyworld.pretrain import PretrainConfig, Pretrainer
+    from ddpo.shapes.pretrain import PretrainConfig, Pretrainer
 
     assert not set(UNUSUAL_TRAIN) & set(UNUSUAL_HELDOUT)
     assert not set(UNUSUAL) & set(COMMON)
@@ -92,8 +92,8 @@ def test_unusual_pairs_are_split_and_rare_in_pretraining():
 
 
 def test_tokenizer_has_one_token_per_caption_word(tmp_path):
-    from ddpo.toyworld.render import vocabulary
-    from ddpo.toyworld.tokenizer import write_tokenizer
+    from ddpo.shapes.render import vocabulary
+    from ddpo.shapes.tokenizer import write_tokenizer
 
     tokenizer = write_tokenizer(tmp_path)
     for word in vocabulary():
@@ -106,7 +106,7 @@ def test_tokenizer_has_one_token_per_caption_word(tmp_path):
 def test_short_pretraining_reduces_loss_and_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from ddpo.toyworld.pretrain import PretrainConfig, Pretrainer
+    from ddpo.shapes.pretrain import PretrainConfig, Pretrainer
 
     config = PretrainConfig(
         dataset_size=512, recognizer_steps=5, recognizer_images=256, vae_steps=40, vae_batch_size=16, unet_steps=60, unet_batch_size=32,

@@ -22,9 +22,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .config import Config, heldout_reward_name
-from .evaluate import HELDOUT, TRAINED, eval_prompts_of, evaluate_policy
-from .rewards import CheckedReward, build_reward
+from ddpo.config import Config
+from ddpo.training.assemble import heldout_reward_name
+from ddpo.training.evaluate import HELDOUT, TRAINED, eval_prompts_of, evaluate_policy
+from ddpo.rewards import CheckedReward, build_reward
 
 EARLY_STOP_METRIC = "heldout_score"
 SUFFIXES = {"all": "", TRAINED: "_on_trained", HELDOUT: "_on_heldout"}

@@ -9,7 +9,7 @@
 - `shapes_attributes`: the fraction of count, colour and shape that the describer sees as the prompt asks.
 
 Neither is ground truth: RL can learn images that fool the describer. The judge (another architecture,
-another seed, never a training reward) is what `ddpo.toyworld.evaluation` measures with; it is registered
+another seed, never a training reward) is what `ddpo.shapes.evaluation` measures with; it is registered
 as `shapes_judge` so that evaluation (`ddpo eval`, `log.heldout_reward`) can score with it.
 
 Models load when a reward is built, not when this module is imported, and each once per process.
@@ -180,7 +180,7 @@ def _load_judge(path: Path) -> Recognizer:
 @register_reward("shapes_judge")
 def shapes_judge(judge: str | None = None) -> Reward:
     """Held-out score, not a training reward: 1.0 where the judge's (count, colour, shape) equals the
-    prompt's (as `ddpo.toyworld.evaluation.exact_match`), else 0.0. Trained on, it would stop being held out.
+    prompt's (as `ddpo.shapes.evaluation.exact_match`), else 0.0. Trained on, it would stop being held out.
 
     info: `captions` (the judge's caption per image).
     """
