@@ -112,8 +112,9 @@ def test_example_runs(script, tmp_path, monkeypatch, capsys):
 
 
 def test_ddpo_train_stays_callable_beside_its_module():
-    import ddpo.training.loop  # the module of the same name: importing it must not hide the API function
+    import ddpo.training.evaluate
+    import ddpo.training.loop  # the trainer's modules: importing them must not hide the API functions
 
-    assert callable(ddpo.train) and ddpo.train.Trainer.__name__ == "Trainer"
+    assert callable(ddpo.train) and callable(ddpo.evaluate) and ddpo.training.Trainer.__name__ == "Trainer"
     with pytest.raises(Exception, match="name the section"):
         ddpo.train("shapes/default", epochs=1)  # reaches ddpo.api.train (which refuses the key)

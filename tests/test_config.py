@@ -211,7 +211,7 @@ def test_with_an_sde_window_only_its_steps_are_trained(window, fraction, trained
     """Flow-GRPO-Fast: the trained steps per sample are timestep_fraction of the window, rounded up (flow_grpo
     trains the whole window), not of sample.num_steps."""
     config = load_config(overrides=["sample.num_steps=10", f"sample.sde_window={window}", f"train.timestep_fraction={fraction}"])
-    assert derived_batch_sizes(config, num_processes=1)["num_train_timesteps"] == trained
+    assert derived_batch_sizes(config, num_processes=1).num_train_timesteps == trained
 
 
 def test_score_function_takes_one_step_per_epoch():

@@ -173,7 +173,7 @@ def test_flow_presets_have_the_published_batch_arithmetic(preset, processes, sam
     sizes = derived_batch_sizes(config, processes)
     assert (sizes.samples_per_epoch, sizes.optimizer_steps_per_epoch, sizes.num_train_timesteps) == (samples_per_epoch, optimizer_steps, trained_steps)
     if config.train.algorithm == "fdfo":
-        assert config.sample.guidance_scale == 1.0 and config.sample.churn == 0.0025 and config.train.clip_range == 3e-2
+        assert config.sample.guidance_scale == 1.0 and config.sample.churn == 0.0025 and config.train.spo_epsilon == 3e-2
 
 
 def test_the_shapes_flow_twin_resolves_or_says_how_to_make_it():

@@ -4,12 +4,8 @@ The Python API (`ddpo.api`), importable without loading torch until it is used:
 `ddpo.train(config_or_path, reward=..., prompts=..., **overrides) -> RunResult`, `ddpo.load_config(...)`,
 `ddpo.sample(model_or_run, prompts, ...)`, `ddpo.evaluate(run_dir, ...)`.
 
-`ddpo.train` and `ddpo.evaluate` stay callable after the modules of the same names are imported (`ddpo.train.Trainer`
-is the trainer class): see `_Package`.
+The trainer itself is `ddpo.training.Trainer`.
 """
-
-import sys
-import types
 
 __all__ = ["RunResult", "evaluate", "load_config", "sample", "train"]
 
@@ -48,26 +44,3 @@ def __getattr__(name: str):
 
         return RunResult
     raise AttributeError(f"module 'ddpo' has no attribute {name!r}")
-
-
-class _CallableModule(types.ModuleType):
-    """The modules `ddpo.train` and `ddpo.evaluate`, callable as the API functions of the same names."""
-
-    def __call__(self, *args, **kwargs):
-        from . import api
-
-        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule `ddpo.train` (or `ddpo.evaluate`) makes it the package attribute of that name,
-    in place of the API function: the module is made callable as that function, so `ddpo.train(...)`,
-    `ddpo.train.Trainer` and `mock.patch("ddpo.train.Trainer")` all work."""
-
-    def __setattr__(self, name, value):
-        if name in ("train", "evaluate") and isinstance(value, types.ModuleType):
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
