@@ -155,7 +155,7 @@ def curve_tables(data: dict, methods: list[str]) -> str:
 
 def svg_figure(data: dict, methods: list[str]) -> str:
     """Two charts side by side (reward, judge exact on trained prompts vs reward queries), standalone SVG."""
-    from ddpo.report import Chart, Series, render_chart
+    from ddpo.charts import Chart, Series, render_chart
 
     charts = []
     for metric in ("train_reward_on_trained", "heldout_score_on_trained"):

@@ -33,11 +33,11 @@ def _reset():
 def test_guided_network_mixes_base_and_fine_tuned_predictions(lora_run):
     from ddpo.guidance import GuidedNetwork
 
-    from ddpo.cli import _policy_for
+    from ddpo.training.evaluate import policy_for_checkpoint
     from ddpo.policy import SamplingOptions
     from ddpo.training.run_directory import resolve_adapter_dir
 
-    policy = _policy_for(str(ddpo.load_config(lora_run / "config.toml").model.pretrained), resolve_adapter_dir(lora_run), SamplingOptions(num_steps=3, height=32, width=32))
+    policy = policy_for_checkpoint(str(ddpo.load_config(lora_run / "config.toml").model.pretrained), resolve_adapter_dir(lora_run), SamplingOptions(num_steps=3, height=32, width=32))
     unet = policy.unet
     x, t, c = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500]), torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -24,7 +24,7 @@ from reward_server_helpers import running_server  # noqa: E402
 
 from ddpo.rewards import RewardError, build_reward, checked_reward  # noqa: E402
 from ddpo.rewards.remote import RemoteRewardError  # noqa: E402
-from ddpo.server.protocol import encode_png, encode_request  # noqa: E402
+from ddpo.rewards.wire import encode_png, encode_request  # noqa: E402
 from ddpo.server.reward_server import ServerLimits  # noqa: E402
 
 

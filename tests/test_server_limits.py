@@ -22,7 +22,7 @@ from reward_server_helpers import running_server  # noqa: E402
 
 from ddpo.cli import main  # noqa: E402
 from ddpo.rewards import checked_reward  # noqa: E402
-from ddpo.server.protocol import encode_request  # noqa: E402
+from ddpo.rewards.wire import encode_request  # noqa: E402
 from ddpo.server.reward_server import ServerLimits  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def http(url: str, body: bytes | None = None, token: str | None = None) -> tuple
 
 
 def test_the_reward_server_refuses_an_image_over_its_pixel_cap(monkeypatch):
-    import ddpo.server.protocol as protocol
+    import ddpo.rewards.wire as protocol
 
     monkeypatch.setattr(protocol, "MAX_IMAGE_PIXELS", 24 * 24)
     with running_server(checked_reward("mean_pixel", helpers.mean_pixel)) as (url, _):

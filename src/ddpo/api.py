@@ -48,7 +48,7 @@ def load_config(config_or_path: str | Path | Config | Mapping | None = None, ove
         config = Config()
         _merge(config, dict(config_or_path))
     else:
-        from .cli import DEFAULT_PRESET
+        from .config import DEFAULT_PRESET
 
         config = _load_config_file(config_or_path or DEFAULT_PRESET)
     strings = [o for o in overrides] if not isinstance(overrides, Mapping) else []
@@ -213,7 +213,7 @@ def train(
     """
     import time
 
-    from .cli import _quiet_libraries
+    from .utils import quiet_libraries as _quiet_libraries
     from .training.run_directory import RunDirectory, RunDirectoryError, read_jsonl
 
     _quiet_libraries()
@@ -292,8 +292,9 @@ def sample(
     """
     import torch
 
-    from .cli import _policy_for, _quiet_libraries
+    from .utils import quiet_libraries as _quiet_libraries
     from .policy import SamplingOptions
+    from .training.evaluate import policy_for_checkpoint
 
     _quiet_libraries()
     if isinstance(prompts, str):
@@ -303,7 +304,7 @@ def sample(
     model, checkpoint_dir, run_config = _checkpoint_and_config(model_or_run, checkpoint)
     config = run_config or Config()
     sampling = SamplingOptions.from_config(config.sample, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
-    policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)
+    policy = policy_for_checkpoint(model, checkpoint_dir, sampling, native_size=run_config is None)
     cells = [(p, seed + i) for p in prompts for i in range(n)]
     generators = [torch.Generator().manual_seed(s) for _, s in cells]
     if rl_scale is not None:
@@ -318,27 +319,11 @@ def evaluate(run_dir: str | Path, *, checkpoint: str | int = "auto", seeds: int 
     """Score the base model and a run's checkpoint on the run's evaluation prompts (trained and held out) with
     its reward(s), as `ddpo eval` does: {"base": {...}, "epoch-NNNN": {...}}, each {"groups": {group: {reward: mean}}}.
     `prompts_per_group` > 0 keeps that many prompts of each group (trained, held out), spread over the list."""
-    from .cli import _policy_for
-    from .training.assemble import load_config as load_file
-    from .training.evaluate import eval_prompts_of, eval_rewards_of, evaluate_policy
-    from .policy import SamplingOptions
-    from .training.run_directory import RunDirectoryError, epoch_name, run_of_checkpoint
+    from .training.evaluate import evaluate_run
+    from .training.run_directory import RunDirectoryError, run_of_checkpoint
 
     run = run_of_checkpoint(run_dir)
     if run is None or run.path.resolve() != Path(run_dir).resolve():
         raise RunDirectoryError(f"{run_dir}: not a run directory (no config.toml)")
-    config = load_file(run.config_path)
-    epoch, checkpoint_dir = run.checkpoint(checkpoint)
-    sampling = SamplingOptions(
-        num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
-        height=config.sample.height, width=config.sample.width, scheduler=config.sample.scheduler,
-    )  # fmt: skip
-    prompts, rewards = eval_prompts_of(config, limit=prompts_per_group), eval_rewards_of(config)
-    num_seeds = seeds or config.log.num_eval_seeds
-    models = ({"base": None} if base else {}) | {epoch_name(epoch): checkpoint_dir}
-    flow_steps = config.sample.eval_num_steps or config.sample.num_steps
-    return {
-        name: evaluate_policy(_policy_for(config.model.pretrained, directory, sampling, flow_num_steps=flow_steps), prompts, rewards, num_seeds, config.sample.batch_size)
-        for name, directory in models.items()
-    }
+    return evaluate_run(run_dir, [str(checkpoint)], seeds=seeds, include_base=base, prompts_per_group=prompts_per_group)["models"]
 

@@ -2,54 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 import click
 
-DEFAULT_PRESET = "shapes/default"
+from .config import DEFAULT_PRESET
+from .errors import UserError, user_errors as _user_errors
+from .utils import quiet_libraries as _quiet_libraries
+
 # Keys a resumed run may change: how long it runs, how it logs and where its reward server is, not what the
 # checkpoint holds.
 RESUMABLE_OVERRIDES = ("train.epochs=", "train.early_stop", "log.", "reward.url=")
-
-
-class UserError(click.ClickException):
-    """Bad input: printed as one line `ddpo: error: ...`, exit status 2, no traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"ddpo: error: {self.format_message()}", err=True)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .policy import PolicyLoadError
-    from .prompts import PromptSourceError
-    from .rewards import RewardError
-    from .rewards.remote import RemoteRewardError
-    from .training.run_directory import RunDirectoryError
-    from .training.loop import OffPolicyError
-
-    # FloatingPointError: training stopped on a non-finite loss before the update reached the weights.
-    # RemoteRewardError: a reward server that stopped answering during the run (at start-up it is a ConfigError).
-    return (ConfigError, PolicyLoadError, PromptSourceError, RewardError, RunDirectoryError, FileNotFoundError, FloatingPointError, OffPolicyError, RemoteRewardError)
-
-
-def _quiet_libraries() -> None:
-    """Keep the console to our own messages: library warnings about optional back-ends are not actionable."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -157,31 +122,6 @@ def doctor(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -
         sys.exit(1)
 
 
-def _run_config(path: str | None):
-    """The config of the run a --lora/target path belongs to (RUN_DIR or RUN_DIR/checkpoints/epoch-NNNN), or None."""
-    from .training.assemble import load_config
-    from .training.run_directory import run_of_checkpoint
-
-    run = run_of_checkpoint(path) if path else None
-    return load_config(run.config_path) if run is not None else None
-
-
-def _policy_for(model: str, checkpoint_dir, sampling, *, native_size: bool = False, flow_num_steps: int | None = None):
-    """A sampling-only policy over `model` (hub id, directory or 'shapes') with a checkpoint applied, if any;
-    `native_size` samples at the size the model was trained at instead of `sampling`'s. Flow-matching models
-    sample their ODE, with `flow_num_steps` steps if given."""
-    from .policy import load_pipeline, resolve_model, sampling_policy
-    from .policy.stable_diffusion import native_image_size
-    from .training.run_directory import load_checkpoint_into
-
-    pipe = load_pipeline(resolve_model(model))
-    if checkpoint_dir is not None:
-        load_checkpoint_into(pipe, checkpoint_dir)
-    if native_size:
-        sampling.height = sampling.width = native_image_size(pipe)
-    return sampling_policy(pipe, sampling, flow_num_steps=flow_num_steps)
-
-
 CHECKPOINT_HELP = "With a run directory: an epoch number, 'latest', 'best' (best.json), or 'auto' (best if marked, else latest)."
 
 
@@ -207,18 +147,19 @@ def sample(model: str | None, lora: str | None, which: str, prompts: tuple[str, 
     from .config import Config
     from .guidance import GuidanceError, rl_guidance
     from .policy import SamplingOptions
+    from .training.evaluate import policy_for_checkpoint, run_config_of
     from .training.run_directory import resolve_adapter_dir
     from .utils import image_grid
 
     try:
         checkpoint_dir = resolve_adapter_dir(lora, which) if lora else None
-        run_config = _run_config(lora)
+        run_config = run_config_of(lora)
         config = run_config or Config()  # sample as the run trained
         model = model or (config.model.pretrained if run_config else "shapes")
         sampling = SamplingOptions.from_config(config.sample, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
         if rl_scale is not None and checkpoint_dir is None:
             raise UserError("--rl-scale mixes a base model with a fine-tuned LoRA: give --lora RUN_DIR")
-        policy = _policy_for(model, checkpoint_dir, sampling, native_size=run_config is None)
+        policy = policy_for_checkpoint(model, checkpoint_dir, sampling, native_size=run_config is None)
         cells = [(prompt, seed + i) for prompt in prompts for i in range(num_images)]
         with rl_guidance(policy, rl_scale) if rl_scale is not None else nullcontext():
             images = policy.sample([p for p, _ in cells], [torch.Generator().manual_seed(s) for _, s in cells]).images
@@ -244,61 +185,13 @@ def eval_command(target: str, which: tuple[str, ...], prompts_file: str | None, 
     _quiet_libraries()
     import json
 
-    from .training.evaluate import GROUPS, eval_prompts_of, eval_rewards_of, evaluate_policy
-    from .policy import SamplingOptions
-    from .training.run_directory import RunDirectoryError, epoch_name, run_of_checkpoint, write_text_atomic
+    from .training.evaluate import evaluate_run
+    from .training.run_directory import write_text_atomic
 
     try:
-        run = run_of_checkpoint(target)
-        if run is None:
-            raise RunDirectoryError(f"{target}: not a run directory nor a checkpoint inside one (RUN_DIR/checkpoints/epoch-NNNN); its run's config.toml says how to sample and score")
-        config = _run_config(target)
-        if seeds is not None and seeds < 1:
-            raise UserError(f"--seeds {seeds} must be at least 1")
-        num_seeds = seeds or config.log.num_eval_seeds
-        if Path(target).resolve() == run.path.resolve():
-            default = ["best", "latest"] if run.best_epoch() is not None else ["latest"]
-            choices = list(which) or default
-            if "all" in choices:
-                chosen = [epoch for epoch, _ in run.checkpoints()]
-            else:
-                chosen = [run.checkpoint(choice)[0] for choice in choices]
-            checkpoints = {epoch_name(e): run.checkpoint(e)[1] for e in sorted(dict.fromkeys(chosen))}
-        else:
-            if which:
-                raise UserError("--checkpoint picks among a run's checkpoints; TARGET is already one checkpoint")
-            checkpoints = {Path(target).name: Path(target)}
-        eval_prompts = eval_prompts_of(config, prompts_file)
-        scorers = eval_rewards_of(config, rewards)
-        sampling = SamplingOptions(
-            num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
-            height=config.sample.height, width=config.sample.width, scheduler=config.sample.scheduler, num_frames=config.sample.num_frames,
-        )  # fmt: skip
-        flow_steps = config.sample.eval_num_steps or config.sample.num_steps  # flow models evaluate as the trainer does
-        models = {} if no_base else {"base": None}
-        models.update(checkpoints)
-        results = {}
-        for name, checkpoint_dir in models.items():
-            policy = _policy_for(config.model.pretrained, checkpoint_dir, sampling, flow_num_steps=flow_steps)
-            results[name] = evaluate_policy(policy, eval_prompts, scorers, num_seeds, config.sample.batch_size)
+        report = evaluate_run(target, which, prompts_file, rewards, seeds, include_base=not no_base)
     except _user_errors() as error:
         raise UserError(str(error)) from error
-    report = {
-        "run": str(run.path),
-        "model": config.model.pretrained,
-        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
-        "seeds": num_seeds,
-        "sampling": {"num_steps": sampling.num_steps, "eta": sampling.eta, "guidance_scale": sampling.guidance_scale},
-        "rewards": list(scorers),
-        "prompts": {group: eval_prompts.of_group(group) for group in GROUPS},
-        "models": results,
-    }
-    if "base" in results:
-        base = results["base"]["groups"]
-        report["gain_over_base"] = {
-            name: {group: {reward: round(result["groups"][group][reward] - base[group][reward], 6) for reward in scorers} for group in result["groups"]}
-            for name, result in results.items() if name != "base"
-        }  # fmt: skip
     text = json.dumps(report, indent=2)
     destination = Path(out) if out else Path(target) / "eval.json"
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -509,228 +402,10 @@ def toy_evaluate(model: str, lora: str | None, judge: str | None, seeds: int, st
     click.echo(text)
 
 
-def _label_errors() -> tuple[type[BaseException], ...]:
-    from .preference.store import LabelStoreError
+from .cli_people import label, preference  # noqa: E402 - the command groups of people's labels, registered below
 
-    return (LabelStoreError, FileNotFoundError)
-
-
-def _open_store(path: str, *, must_exist: bool = True):
-    from .preference.store import LabelStore
-
-    if must_exist and not Path(path).is_file():
-        raise UserError(f"no label store at {path}; create it with `ddpo label add-labeller {path} NAME` or `ddpo label add-pairs {path} ...`")
-    try:
-        return LabelStore(path)
-    except _label_errors() as error:
-        raise UserError(str(error)) from error
-
-
-@main.group()
-def label() -> None:
-    """People in the loop: a labelling web app over a label store (SQLite), its labellers, pairs and labels."""
-
-
-@label.command("serve")
-@click.argument("store", type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback, put it behind TLS.")
-@click.option("--port", default=8766, show_default=True, type=int)
-@click.option("--select", "strategy", help="random, uncertainty or bald: re-choose the queue while serving, as `ddpo label select` does (default: no selection).")
-@click.option("--reselect-every", default=25, show_default=True, type=int, help="With --select: re-choose after this many new labels.")
-def label_serve(store: str, host: str, port: int, strategy: str | None, reselect_every: int) -> None:
-    """Serve the labelling page: a prompt, two images, keys 1 / 2 / t (tie) / s (skip) / u (undo)."""
-    if reselect_every < 1:
-        raise UserError(f"--reselect-every must be at least 1; got {reselect_every}")
-    if strategy is not None and strategy not in ("random", "uncertainty", "bald"):
-        raise UserError(f"--select {strategy!r} is not one of random, uncertainty, bald")
-    try:
-        from .server.label_app import serve
-    except ImportError as error:
-        raise UserError(f"the labelling app needs FastAPI and uvicorn: pip install 'ddpo[label]' ({error})") from error
-    opened = _open_store(store)
-    progress, labellers = opened.progress(), opened.labellers()
-    opened.close()
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"ddpo label: warning: binding {host}: tokens and labels travel unencrypted; put the app behind TLS", err=True)
-    hint = "" if labellers else f"; no labellers yet: `ddpo label add-labeller {store} NAME`"
-    click.echo(f"ddpo label: {store} ({progress['pairs']} pairs, {sum(progress['labels_per_labeller'].values())} labels) on http://{host}:{port}/{hint}", err=True)
-    if strategy is not None:
-        _start_reselection(store, strategy, reselect_every)
-    serve(store, host, port)
-
-
-def _start_reselection(store: str, strategy: str, every: int):
-    """A daemon thread that re-chooses the app's queue (`queue_for_store`) whenever `every` new labels came in;
-    returns the event that stops it."""
-    import threading
-
-    from .preference.active import queue_for_store
-
-    def loop() -> None:
-        opened = _open_store(store)
-        done = -every  # choose once at the start
-        while not stop.is_set():
-            labels = len(opened.labels())
-            if labels - done >= every and opened.unlabelled_pairs():
-                try:
-                    reply = queue_for_store(opened, strategy)
-                    click.echo(f"ddpo label: queue re-chosen after {labels} labels: {reply['active']} active, {reply['random']} random", err=True)
-                except Exception as error:  # noqa: BLE001 - the app keeps serving the last queue
-                    click.echo(f"ddpo label: warning: re-choosing the queue failed ({error}); keeping the last one", err=True)
-                done = labels
-            stop.wait(2.0)
-        opened.close()
-
-    stop = threading.Event()
-    threading.Thread(target=loop, name="label-reselect", daemon=True).start()
-    return stop
-
-
-@label.command("add-labeller")
-@click.argument("store", type=click.Path())
-@click.argument("name")
-@click.option("--replace", is_flag=True, help="Give an existing labeller a new token (the old one stops working).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Host of the link printed.")
-@click.option("--port", default=8766, show_default=True, type=int, help="Port of the link printed.")
-def label_add_labeller(store: str, name: str, replace: bool, host: str, port: int) -> None:
-    """Create a labeller (and the store if new); prints their private link, which carries their token."""
-    try:
-        token = _open_store(store, must_exist=False).add_labeller(name, replace=replace)
-    except _label_errors() as error:
-        raise UserError(str(error)) from error
-    click.echo(f"http://{host}:{port}/#token={token}")
-
-
-@label.command("add-pairs")
-@click.argument("store", type=click.Path())
-@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A run directory: same-prompt pairs from its sample grid.")
-@click.option("--epoch", type=int, help="With --run: the grid of this epoch (default: the last).")
-@click.option("--file", "pairs_file", type=click.Path(dir_okay=False), help='JSONL, one {"prompt", "image_a", "image_b"} per line.')
-def label_add_pairs(store: str, run_dir: str | None, epoch: int | None, pairs_file: str | None) -> None:
-    """Queue pairs to label, from a run's sample grid or from a file."""
-    from .preference.pairs import pairs_from_file, pairs_from_run
-
-    if (run_dir is None) == (pairs_file is None):
-        raise UserError("give exactly one of --run RUN_DIR and --file PAIRS.jsonl")
-    try:
-        pairs, metadata = pairs_from_run(run_dir, epoch) if run_dir else pairs_from_file(pairs_file)
-        ids = _open_store(store, must_exist=False).add_pairs(pairs, source=f"run:{run_dir}" if run_dir else f"file:{pairs_file}", metadata=metadata)
-    except _label_errors() as error:
-        raise UserError(str(error)) from error
-    click.echo(f"{len(ids)} pairs in {store}")
-
-
-@label.command("export")
-@click.argument("store", type=click.Path())
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--no-images", is_flag=True, help="Leave the PNGs out (the importing store must already hold them).")
-def label_export(store: str, out: str, no_images: bool) -> None:
-    """Write every label as one JSON line (labeller, choice, time, prompt, image hashes and PNGs)."""
-    try:
-        count = _open_store(store).export_jsonl(out, images=not no_images)
-    except _label_errors() as error:
-        raise UserError(str(error)) from error
-    click.echo(f"{count} labels -> {out}")
-
-
-@label.command("import")
-@click.argument("store", type=click.Path())
-@click.argument("jsonl", type=click.Path(dir_okay=False))
-def label_import(store: str, jsonl: str) -> None:
-    """Merge the labels of an export into STORE (created if new); labels already there are not duplicated."""
-    import json
-
-    try:
-        counts = _open_store(store, must_exist=False).import_jsonl(jsonl)
-    except _label_errors() as error:
-        raise UserError(str(error)) from error
-    click.echo(json.dumps(counts))
-
-
-@label.command("status")
-@click.argument("store", type=click.Path())
-@click.option("--model", "model_path", type=click.Path(dir_okay=False), help="A preference model: also each labeller's agreement with it.")
-def label_status(store: str, model_path: str | None) -> None:
-    """Pairs, labels per labeller, and each labeller's agreement with the others' majority (and with --model);
-    a labeller whose agreement is at chance is flagged (JSON; a warning line on stderr)."""
-    import json
-
-    from .preference.agreement import labeller_agreement, model_margins
-
-    opened = _open_store(store)
-    margins = None
-    if model_path is not None:
-        _quiet_libraries()
-        from .preference.model import PreferenceModelError
-
-        try:
-            margins = model_margins(opened, model_path)
-        except (PreferenceModelError, *_label_errors()) as error:
-            raise UserError(str(error)) from error
-    agreement = labeller_agreement(opened.labels(), margins)
-    click.echo(json.dumps({**opened.progress(), "labellers": [a.as_dict() for a in agreement]}, indent=2))
-    for flagged in (a for a in agreement if a.at_chance):
-        majority = flagged.judged_against == "majority"
-        reference, share = ("the others' majority", flagged.majority_agreement) if majority else ("the preference model", flagged.model_agreement)
-        click.echo(f"ddpo label: warning: {flagged.labeller} agrees with {reference} on {share:.0%} of their answers: at chance; check their labels before training on them", err=True)
-
-
-@label.command("select")
-@click.argument("store", type=click.Path())
-@click.option("--strategy", default="bald", show_default=True, help="random, uncertainty or bald: at random, or what the preference model is least sure of.")
-@click.option("--count", default=100, show_default=True, type=int, help="Pairs to queue (the rest keep their order behind them).")
-@click.option("--random-share", default=0.2, show_default=True, type=float, help="Share of the queue drawn at random (held-out material: `ddpo preference train --heldout-random-only`).")
-@click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL'.")
-@click.option("--l2", default=3e-2, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
-def label_select(store: str, strategy: str, count: int, random_share: float, features: str, l2: float, seed: int) -> None:
-    """Choose which unlabelled pairs the app shows next: fit a preference model on the labels so far and queue the
-    pairs whose answers would teach it most (active selection), with a share drawn at random. Run it again as
-    labels come in; the app (which may be serving) follows the new order at once."""
-    _quiet_libraries()
-    import json
-
-    from .preference.active import queue_for_store
-    from .preference.model import PreferenceModelError
-
-    try:
-        reply = queue_for_store(_open_store(store), strategy, count, random_share=random_share, features=features, l2=l2, seed=seed)
-    except (PreferenceModelError, ValueError, *_label_errors()) as error:
-        raise UserError(str(error)) from error
-    click.echo(json.dumps(reply))
-
-
-@main.group()
-def preference() -> None:
-    """Preference models learned from labels (Bradley-Terry), usable as reward `preference:PATH`."""
-
-
-@preference.command("train")
-@click.argument("store", type=click.Path())
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the model (.safetensors).")
-@click.option("--features", default="shapes-describer", show_default=True, help="'shapes-describer' or 'clip:MODEL' (hub id or directory).")
-@click.option("--heldout", default=0.2, show_default=True, type=float, help="Fraction of pairs held out to measure pairwise accuracy.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--l2", default=3e-2, show_default=True, type=float, help="L2 penalty on the weights (more: less confident, less overfit).")
-@click.option("--ties", default="half", show_default=True, help="half or davidson: a tie as a target of 1/2, or as Davidson's third outcome.")
-@click.option("--heldout-random-only", is_flag=True, help="Hold out only pairs `ddpo label select` drew at random (unbiased under active selection).")
-def preference_train(store: str, out: str, features: str, heldout: float, seed: int, l2: float, ties: str, heldout_random_only: bool) -> None:
-    """Fit a Bradley-Terry model on STORE's labels; prints the held-out pairwise accuracy (JSON)."""
-    _quiet_libraries()
-    import json
-    from dataclasses import asdict
-
-    from .preference.model import PreferenceModelError, save_preference_model, train_preference_model
-
-    try:
-        opened = _open_store(store)
-        candidates = {pair for pair, selection in opened.selections().items() if selection == "random"} if heldout_random_only else None
-        model, _, report = train_preference_model(opened.comparisons(), features, heldout_fraction=heldout, seed=seed, l2=l2, ties=ties, heldout_candidates=candidates)
-        save_preference_model(model, report, out)
-    except (PreferenceModelError, ValueError, *_label_errors()) as error:
-        raise UserError(str(error)) from error
-    click.echo(json.dumps({"model": out, "reward": f"preference:{out}", **asdict(report)}, indent=2))
-
+main.add_command(label)
+main.add_command(preference)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,6 +40,7 @@ else:
     import tomli as tomllib
 
 """Valid `train.algorithm` values (see `ddpo.algorithms`)."""
+DEFAULT_PRESET = "shapes/default"  # what `ddpo train` with no --config runs
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULERS = ("ddim", "ddpm")
 REWARD_TERM_KEYS = ("name", "weight", "kwargs")
@@ -505,9 +506,7 @@ def check_fields(config: Config) -> None:
         ConfigError: naming the first offending key and how to fix it.
     """
     _check_types(config)
-    model, sample, train, reward, prompts, log = (
-        config.model, config.sample, config.train, config.reward, config.prompts, config.log
-    )
+    model, sample, train, log = config.model, config.sample, config.train, config.log
     check(config.seed >= 0, f"seed={config.seed} must be >= 0")
 
     check(bool(model.pretrained), "model.pretrained is empty; give a hub id or a local pipeline directory")

@@ -61,7 +61,7 @@ def run_sweep(run_dir: str | Path, cfg_scales: list[float], rl_scales: list[floa
     """Evaluate every (cfg, rl_scale) cell; see the module docstring."""
     import torch
 
-    from .cli import _policy_for
+    from .training.evaluate import policy_for_checkpoint
     from .training.evaluate import eval_generator, eval_prompts_of, eval_rewards_of, sample_eval_set, score_eval_set, summarize
     from .guidance import rl_guidance
     from .policy import SamplingOptions
@@ -84,7 +84,7 @@ def run_sweep(run_dir: str | Path, cfg_scales: list[float], rl_scales: list[floa
     result = SweepResult(run.path, f"epoch-{epoch:04d}", cfg_scales, rl_scales, num_seeds, list(rewards), strip_prompts=strip_prompts)
     for w in cfg_scales:
         sampling = SamplingOptions(num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=w, height=config.sample.height, width=config.sample.width, scheduler=config.sample.scheduler)
-        policy = _policy_for(config.model.pretrained, checkpoint_dir, sampling, flow_num_steps=config.sample.eval_num_steps or config.sample.num_steps)
+        policy = policy_for_checkpoint(config.model.pretrained, checkpoint_dir, sampling, flow_num_steps=config.sample.eval_num_steps or config.sample.num_steps)
         for s in rl_scales:
             with rl_guidance(policy, s), torch.no_grad():
                 samples = sample_eval_set(policy, prompts, num_seeds, config.sample.batch_size)
@@ -115,7 +115,7 @@ def _shade(value: float, low: float, high: float) -> str:
 
 
 def _strip_uri(images: list[Image.Image]) -> str:
-    from .report import png_data_uri
+    from .charts import png_data_uri
 
     width, height = images[0].size
     canvas = Image.new("RGB", (width * len(images), height), "white")

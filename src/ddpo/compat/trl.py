@@ -43,7 +43,7 @@ def _one_line_errors(previous=sys.excepthook):
     previous hook unchanged."""
 
     def hook(kind, error, traceback):
-        from ..cli import _user_errors
+        from ..errors import user_errors as _user_errors
 
         if issubclass(kind, (ConfigError, *_user_errors())):
             print(f"ddpo: error: {error}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The `remote` reward: scores come from a reward server (`ddpo serve-reward`) over HTTP.
 
-Each call POSTs the batch as JSON with base64 PNG images (`ddpo.server.protocol`). A connection failure, a
+Each call POSTs the batch as JSON with base64 PNG images (`ddpo.rewards.wire`). A connection failure, a
 timeout, a 429, 502, 503 or 504 is retried `retries` times, waiting `backoff`, 2 x `backoff`, 4 x `backoff`,
 ... seconds; a refusal (another 4xx) or the served reward failing (500) is not retried. When the server cannot score, the reward raises, naming
 the server and why: never a silent zero. Training already scores each batch in a thread while the next one
@@ -71,7 +71,7 @@ class RemoteReward:
         return answer
 
     def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict]) -> RewardOutput:
-        from ddpo.server.protocol import encode_request
+        from ddpo.rewards.wire import encode_request
 
         body = encode_request(images, prompts, metadata)
         failures: list[str] = []

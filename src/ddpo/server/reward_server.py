@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from ddpo.rewards.base import CheckedReward, RewardOutput
-from ddpo.server.protocol import RequestError, decode_multipart, decode_request, jsonable
+from ddpo.rewards.wire import RequestError, decode_multipart, decode_request, jsonable
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765

@@ -15,6 +15,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,3 +210,90 @@ def evaluate_policy(policy, eval_prompts: EvalPrompts, rewards: Mapping[str, Che
     """Sample, score and summarize (see `summarize`)."""
     samples = sample_eval_set(policy, eval_prompts, num_seeds, batch_size, with_kl=with_kl)
     return summarize(samples, score_eval_set(samples, rewards))
+
+
+class EvaluationError(ValueError):
+    """A request `evaluate_run` cannot serve (a bad seed count, a checkpoint choice for a single checkpoint)."""
+
+
+def run_config_of(path: str | Path | None) -> Config | None:
+    """The config of the run a path belongs to (RUN_DIR or RUN_DIR/checkpoints/epoch-NNNN), or None."""
+    from ddpo.training.assemble import load_config
+    from ddpo.training.run_directory import run_of_checkpoint
+
+    run = run_of_checkpoint(path) if path else None
+    return load_config(run.config_path) if run is not None else None
+
+
+def policy_for_checkpoint(model: str, checkpoint_dir: Path | None, sampling: Any, *, native_size: bool = False, flow_num_steps: int | None = None) -> Any:
+    """A sampling-only policy over `model` (hub id, directory or 'shapes') with a checkpoint applied, if any;
+    `native_size` samples at the size the model was trained at instead of `sampling`'s. Flow-matching models
+    sample their ODE, with `flow_num_steps` steps if given."""
+    from ddpo.policy import load_pipeline, resolve_model, sampling_policy
+    from ddpo.policy.stable_diffusion import native_image_size
+    from ddpo.training.run_directory import load_checkpoint_into
+
+    pipe = load_pipeline(resolve_model(model))
+    if checkpoint_dir is not None:
+        load_checkpoint_into(pipe, checkpoint_dir)
+    if native_size:
+        sampling.height = sampling.width = native_image_size(pipe)
+    return sampling_policy(pipe, sampling, flow_num_steps=flow_num_steps)
+
+
+def chosen_checkpoints(target: str | Path, which: Sequence[str]) -> dict[str, Path]:
+    """The checkpoints `ddpo eval TARGET --checkpoint ...` scores, by name: for a run directory `which` (epoch
+    numbers, 'latest', 'best', 'all'; default best if marked, and latest); for a checkpoint directory, itself."""
+    from ddpo.training.run_directory import RunDirectoryError, epoch_name, run_of_checkpoint
+
+    run = run_of_checkpoint(target)
+    if run is None:
+        raise RunDirectoryError(f"{target}: not a run directory nor a checkpoint inside one (RUN_DIR/checkpoints/epoch-NNNN); its run's config.toml says how to sample and score")
+    if Path(target).resolve() != run.path.resolve():
+        if which:
+            raise EvaluationError("--checkpoint picks among a run's checkpoints; TARGET is already one checkpoint")
+        return {Path(target).name: Path(target)}
+    choices = list(which) or (["best", "latest"] if run.best_epoch() is not None else ["latest"])
+    chosen = [epoch for epoch, _ in run.checkpoints()] if "all" in choices else [run.checkpoint(choice)[0] for choice in choices]
+    return {epoch_name(e): run.checkpoint(e)[1] for e in sorted(dict.fromkeys(chosen))}
+
+
+def evaluate_run(target: str | Path, which: Sequence[str] = (), prompts_file: str | None = None, rewards: Sequence[str] = (),
+                 seeds: int | None = None, *, include_base: bool = True, prompts_per_group: int = 0) -> dict:  # fmt: skip
+    """`ddpo eval`: the base model and a run's checkpoints on fixed prompts x fixed seeds, trained vs held-out
+    prompts (`prompts_per_group` > 0 keeps that many of each group, spread over the list), sampled as the run
+    trained; each checkpoint's gain over the base model."""
+    from ddpo.policy import SamplingOptions
+    from ddpo.training.run_directory import run_of_checkpoint
+
+    checkpoints = chosen_checkpoints(target, which)
+    config = run_config_of(target)
+    if seeds is not None and seeds < 1:
+        raise EvaluationError(f"--seeds {seeds} must be at least 1")
+    num_seeds = seeds or config.log.num_eval_seeds
+    eval_prompts = eval_prompts_of(config, prompts_file, limit=prompts_per_group)
+    scorers = eval_rewards_of(config, rewards)
+    sample = config.sample
+    sampling = SamplingOptions(
+        num_steps=sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale, height=sample.height,
+        width=sample.width, scheduler=sample.scheduler, num_frames=sample.num_frames,
+    )  # fmt: skip
+    flow_steps = sample.eval_num_steps or sample.num_steps  # flow models evaluate as the trainer does
+    models = {"base": None, **checkpoints} if include_base else dict(checkpoints)
+    results = {}
+    for name, checkpoint_dir in models.items():
+        policy = policy_for_checkpoint(config.model.pretrained, checkpoint_dir, sampling, flow_num_steps=flow_steps)
+        results[name] = evaluate_policy(policy, eval_prompts, scorers, num_seeds, sample.batch_size)
+    report = {
+        "run": str(run_of_checkpoint(target).path), "model": config.model.pretrained,
+        "checkpoints": {name: str(path) for name, path in checkpoints.items()}, "seeds": num_seeds,
+        "sampling": {"num_steps": sampling.num_steps, "eta": sampling.eta, "guidance_scale": sampling.guidance_scale},
+        "rewards": list(scorers), "prompts": {group: eval_prompts.of_group(group) for group in GROUPS}, "models": results,
+    }  # fmt: skip
+    if "base" in results:
+        base = results["base"]["groups"]
+        report["gain_over_base"] = {
+            name: {group: {reward: round(result["groups"][group][reward] - base[group][reward], 6) for reward in scorers} for group in result["groups"]}
+            for name, result in results.items() if name != "base"
+        }  # fmt: skip
+    return report
