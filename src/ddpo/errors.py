@@ -21,7 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .rewards import RewardError
     from .rewards.remote import RemoteRewardError
     from .training.evaluate import EvaluationError
-    from .training.loop import OffPolicyError
+    from .algorithms import OffPolicyError
     from .training.run_directory import RunDirectoryError
 
     # FloatingPointError: training stopped on a non-finite loss before the update reached the weights.

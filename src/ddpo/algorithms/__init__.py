@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from ddpo.algorithms.base import Algorithm, LossOutput, MicroBatch, regularizers_from_config
+from ddpo.algorithms.base import Algorithm, LossOutput, MicroBatch, OffPolicyError, check_on_policy, regularizers_from_config
 from ddpo.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
 from ddpo.algorithms.fdfo import FiniteDifferenceFlowOptimization
 from ddpo.algorithms.flow_grpo import FlowGRPO
@@ -44,6 +44,8 @@ __all__ = [
     "FlowGRPO",
     "LossOutput",
     "MicroBatch",
+    "OffPolicyError",
+    "check_on_policy",
     "RewardWeightedRegression",
     "SparseRewardWeightedRegression",
     "build_algorithm",

@@ -133,6 +133,24 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class OffPolicyError(ValueError):
+    """The first update of an epoch found importance ratios outside the trust region: training would be off-policy."""
+
+
+def check_on_policy(algorithm: Algorithm, epoch: int, ratio_error: float) -> None:
+    """Stop before the first optimizer step of an epoch when its ratios pi_theta / pi_old, which must be 1
+    (the weights that sampled are the weights that recompute), are off by more than the trust region."""
+    tolerance, key = algorithm.trust_region
+    if ratio_error > tolerance:
+        raise OffPolicyError(
+            f"epoch {epoch}: off-policy at the first update: max |ratio - 1| = {ratio_error:.3g} exceeds "
+            f"{key}={tolerance:g}, so the first step already clips; the log-probs recomputed in training "
+            f"differ from the sampler's (precision or batch-dependent kernels): set model.mixed_precision=\"no\" "
+            f"and model.allow_tf32=false, or raise {key}; `ddpo doctor` measures it; "
+            f"train.on_policy_check=false trains anyway"
+        )
+
+
 class Regularizer(Protocol):
     """A penalty added to an algorithm's loss: `weight` times a divergence the algorithm defines."""
 

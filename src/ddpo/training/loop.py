@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from ddpo.algorithms import MicroBatch, build_algorithm_from_config
+from ddpo.algorithms import MicroBatch, build_algorithm_from_config, check_on_policy
 from ddpo.config import Config, ConfigError, save_config
 from ddpo.core.trajectory import Trajectory
 from ddpo.policy import TrainablePolicy, build_policy
@@ -37,12 +37,8 @@ from ddpo.training.monitor import Monitor
 from ddpo.training.preemption import Preempted, PreemptionWatch
 from ddpo.training.record import Recorder, flat_hyperparameters, trackers_for
 from ddpo.training.run_directory import RunDirectory, epoch_name, read_jsonl
-from ddpo.training.sharding import build_accelerator, check_and_configure, is_fsdp
+from ddpo.training.sharding import any_process, build_accelerator, check_and_configure, is_fsdp, main_process_decision
 from ddpo.utils import derive_seed, generators_for
-
-
-class OffPolicyError(ValueError):
-    """The first update of an epoch found importance ratios the clip range clips: training would be off-policy."""
 
 
 class Trainer:
@@ -136,7 +132,7 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> Path:
-        self.describe()
+        self.recorder.describe(self.reward.name, self.policy.trainable_parameters())
         self.last_epoch = self.start_epoch
         if self.start_epoch == 0 and not self.resumed:  # a run resumed from epoch-0000 (preempted in epoch 1) has them
             self.recorder.save_sample_grid(0)
@@ -187,20 +183,6 @@ class Trainer:
                 if self.accelerator.is_main_process:
                     self.accelerator.print(self.recorder.early_stop_message(epoch))
                 break
-
-    def describe(self) -> None:
-        if self.accelerator.is_main_process:
-            s, sample = self.sizes, self.config.sample
-            anchors = f" (+ {s.anchor_samples_per_epoch} unscored anchors)" if s.anchor_samples_per_epoch else ""
-            window = f" (from a window of {sample.sde_window} SDE steps)" if sample.sde_window else ""
-            parameters = self.policy.trainable_parameters()
-            self.accelerator.print(
-                f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {self.reward.name}; "
-                f"{s.num_processes} process(es) x {s.samples_per_process} samples = {s.samples_per_epoch} samples/epoch{anchors}; "
-                f"{s.num_train_timesteps} of {sample.num_steps} steps trained per sample{window}; "
-                f"{s.optimizer_steps_per_epoch} optimizer steps/epoch of {s.samples_per_optimizer_step} samples; "
-                f"{len(parameters)} trainable tensors ({sum(p.numel() for p in parameters):,} weights); run dir {self.run_dir.path}"
-            )
 
     def sample_epoch(self, epoch: int) -> EpochSamples | None:
         """Sample this process's share of the epoch; rewards are scored in a thread while the next batch samples.
@@ -339,7 +321,7 @@ class Trainer:
             error = float(self.accelerator.reduce(self._ratio_error, reduction="max")) if self.accelerator.num_processes > 1 else float(self._ratio_error)
             self._ratio_error = None
             self._totals["first_step_ratio_error"] = [torch.tensor(error, device=device)]
-            self._check_on_policy(epoch, error)
+            check_on_policy(self.algorithm, epoch, error)
         grad_norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), self.config.train.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -347,19 +329,6 @@ class Trainer:
         self._totals.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32, device=device))
         self.optimizer.step()  # under DeepSpeed, the engine stepped in backward
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _check_on_policy(self, epoch: int, ratio_error: float) -> None:
-        """Stop before the first optimizer step of an epoch when its ratios pi_theta / pi_old, which must be 1
-        (the weights that sampled are the weights that recompute), are off by more than the trust region."""
-        tolerance, key = self.algorithm.trust_region
-        if ratio_error > tolerance:
-            raise OffPolicyError(
-                f"epoch {epoch}: off-policy at the first update: max |ratio - 1| = {ratio_error:.3g} exceeds "
-                f"{key}={tolerance:g}, so the first step already clips; the log-probs recomputed in training "
-                f"differ from the sampler's (precision or batch-dependent kernels): set model.mixed_precision=\"no\" "
-                f"and model.allow_tf32=false, or raise {key}; `ddpo doctor` measures it; "
-                f"train.on_policy_check=false trains anyway"
-            )
 
     def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, **when: bool) -> None:
         """The epoch's record (`ddpo.training.record.Recorder.record`)."""
@@ -372,17 +341,10 @@ class Trainer:
         return Preempted(self.preemption.received or "a signal on another process", str(checkpoint), epoch, where)
 
     def _any_process(self, flag: bool) -> bool:
-        """True on every process when `flag` is true on any of them (a collective: every process must call it)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        flags = self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device))
-        return bool(flags.sum() > 0)
+        return any_process(self.accelerator, flag)
 
     def _agree(self, flag: bool) -> bool:
-        """The main process's decision, on every process."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        return bool(broadcast_object_list([flag], from_process=0)[0])
+        return main_process_decision(self.accelerator, flag)
 
 
 def train(config: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:

@@ -33,6 +33,20 @@ class Recorder:
         self.monitor, self.checkpoints, self.collective_forward = monitor, checkpoints, collective_forward
         self.grid_prompts = list(config.log.grid_prompts) or prompts[:GRID_PROMPTS]
 
+    def describe(self, reward_name: str, parameters: list[torch.nn.Parameter]) -> None:
+        """One line at start: what trains on what, the batch arithmetic, the trained weights, the run directory."""
+        if self.accelerator.is_main_process:
+            s, sample = self.sizes, self.config.sample
+            anchors = f" (+ {s.anchor_samples_per_epoch} unscored anchors)" if s.anchor_samples_per_epoch else ""
+            window = f" (from a window of {sample.sde_window} SDE steps)" if sample.sde_window else ""
+            self.accelerator.print(
+                f"ddpo: {self.config.train.algorithm} on {self.config.model.pretrained} with reward {reward_name}; "
+                f"{s.num_processes} process(es) x {s.samples_per_process} samples = {s.samples_per_epoch} samples/epoch{anchors}; "
+                f"{s.num_train_timesteps} of {sample.num_steps} steps trained per sample{window}; "
+                f"{s.optimizer_steps_per_epoch} optimizer steps/epoch of {s.samples_per_optimizer_step} samples; "
+                f"{len(parameters)} trainable tensors ({sum(p.numel() for p in parameters):,} weights); run dir {self.run_dir.path}"
+            )
+
     def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, *,
                new_best: bool = False, stop: bool = False, force_save: bool = False) -> None:  # fmt: skip
         """The epoch's metrics line, prompt rewards, grid and (on schedule, a new best, a stop or a preemption)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list
 
 from ddpo.config import Config, ConfigError
 
@@ -182,3 +182,18 @@ def load_checkpoint_state(accelerator: Accelerator, policy, optimizer, trainable
 def _unwrapped(optimizer):
     """The optimizer under accelerate's wrapper (DeepSpeed's ZeRO optimizer under DeepSpeed)."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(flags.sum() > 0)
+
+
+def main_process_decision(accelerator: Accelerator, flag: bool) -> bool:
+    """The main process's decision, on every process."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(broadcast_object_list([flag], from_process=0)[0])
