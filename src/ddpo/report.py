@@ -2,7 +2,7 @@
 
 What people look at to judge an RL fine-tune (Black et al. 2023 show exactly these): the reward curve against
 reward queries, the loss / approx_kl / clipfrac of the update, which prompts gained and which did not, the
-same prompts and seeds drawn epoch after epoch, and, from the periodic evaluation (`ddpo.monitor`), the
+same prompts and seeds drawn epoch after epoch, and, from the periodic evaluation (`ddpo.training.monitor`), the
 held-out score next to the training reward: where the first peaks while the second keeps rising, the reward
 is being gamed. Charts are inline SVG drawn here and images are PNG data URIs: the page needs no network, no
 script and no other file. Whatever the run lacks (no finished epoch, no samples folder, no evaluation yet) the

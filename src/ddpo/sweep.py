@@ -2,7 +2,7 @@
 
 RL guidance (RLG, arXiv 2508.21016; `ddpo.guidance`) mixes the base and the fine-tuned model's predictions with
 a scale s; CFG mixes the conditional and unconditional ones with w. Each cell of the grid samples the run's
-evaluation prompts (trained and held out) with the same seeds (`ddpo.evaluate.eval_generator`) and scores them as
+evaluation prompts (trained and held out) with the same seeds (`ddpo.training.evaluate.eval_generator`) and scores them as
 `ddpo eval` does, so s = 0 reproduces the base model's numbers and s = 1 the checkpoint's, at any w. The page
 (RUN_DIR/sweep.html, self-contained like report.html) shows the tables and, per cell, a strip of images of the
 same prompts and seeds: on the Shapes world it shows whether RL made CFG unnecessary.
@@ -35,7 +35,7 @@ class SweepResult:
     seeds: int
     rewards: list[str]
     cells: dict[tuple[float, float], dict] = field(default_factory=dict)
-    """(cfg, rl_scale) -> `ddpo.evaluate.summarize`'s {"groups": {group: {reward: mean, "diversity": d}}, ...}"""
+    """(cfg, rl_scale) -> `ddpo.training.evaluate.summarize`'s {"groups": {group: {reward: mean, "diversity": d}}, ...}"""
     strips: dict[tuple[float, float], list[Image.Image]] = field(default_factory=dict)
     strip_prompts: list[str] = field(default_factory=list)
 

@@ -4,7 +4,7 @@ Each call POSTs the batch as JSON with base64 PNG images (`ddpo.rewards.wire`). 
 timeout, a 429, 502, 503 or 504 is retried `retries` times, waiting `backoff`, 2 x `backoff`, 4 x `backoff`,
 ... seconds; a refusal (another 4xx) or the served reward failing (500) is not retried. When the server cannot score, the reward raises, naming
 the server and why: never a silent zero. Training already scores each batch in a thread while the next one
-samples (`ddpo.train`), so a remote reward overlaps the network and the server's work with sampling.
+samples (`ddpo.training.loop`), so a remote reward overlaps the network and the server's work with sampling.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluation on fixed prompts x fixed seeds: any set of rewards, trained vs held-out prompts, KL, diversity.
 
 Shared by `ddpo eval` (base model vs checkpoints) and the trainer's periodic over-optimization monitor
-(`ddpo.monitor`). Sample i of prompt p always starts from the same noise, `derive_seed("eval", p, i)`,
+(`ddpo.training.monitor`). Sample i of prompt p always starts from the same noise, `derive_seed("eval", p, i)`,
 whatever the model, the run or the order of the prompts, so two models are compared on identical noise and
 the same evaluation repeated gives the same numbers.
 

@@ -1,7 +1,7 @@
 """Over-optimization monitor: the trainer's periodic evaluation, and early stopping on the held-out score.
 
 Every `log.eval_every` epochs (and before training) the policy samples fixed prompts x fixed seeds
-(`ddpo.evaluate`); the samples are scored by the training reward and by a held-out scorer that training never
+(`ddpo.training.evaluate`); the samples are scored by the training reward and by a held-out scorer that training never
 sees (`log.heldout_reward`; the Shapes world's judge by default). The paper found its rewards over-optimized
 eventually (Black et al. 2023, "overoptimization"): the training reward keeps rising while what it stood for
 falls. The held-out score shows that turn; the KL between the fine-tuned and the base policy along the
