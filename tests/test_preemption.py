@@ -204,7 +204,7 @@ def test_every_checkpoint_damaged_is_one_line_error(straight_run, tmp_path):
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tiny_pipeline_dir, tmp_path, monkeypatch):
     import torch
 
-    import ddpo.training.loop
+    import ddpo.training.checkpoint
 
     original_save = torch.save
 
@@ -213,7 +213,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return original_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(ddpo.train.torch, "save", save_until_full)
+    monkeypatch.setattr(ddpo.training.checkpoint.torch, "save", save_until_full)
     out = tmp_path / "run"
     result = CliRunner().invoke(main, cli_args(tiny_pipeline_dir, out, **{**RUN, "train.epochs": 2}))
     assert result.exit_code == 2, result.output
@@ -224,7 +224,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
     assert [epoch for epoch, _ in run.checkpoints()] == [1]
     assert not list((out / "checkpoints").glob(".epoch-*"))  # the temporary directory is gone
     assert run.checkpoint_problem(out / "checkpoints" / "epoch-0001") is None
-    monkeypatch.setattr(ddpo.train.torch, "save", original_save)
+    monkeypatch.setattr(ddpo.training.checkpoint.torch, "save", original_save)
     resumed = CliRunner().invoke(main, ["train", "--resume", str(out), "--no-progress"])  # the previous one loads
     assert resumed.exit_code == 0, resumed.output
     assert [epoch for epoch, _ in run.checkpoints()] == [1, 2]

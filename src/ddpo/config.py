@@ -116,8 +116,8 @@ class SampleConfig:
     churn: float = 0.0025
     """Flow models, fdfo: the churn gamma of each step and of the initial noise (the FDFO paper's default)."""
     eval_num_steps: int = 0
-    """Flow models: steps of the deterministic ODE sampler of the sample grid and evaluation; 0 = num_steps.
-    Flow-GRPO trains on 10 steps and evaluates on 40."""
+    """Steps of the sampler of the sample grid and the periodic evaluation (flow models: the deterministic ODE);
+    0 = num_steps. Flow-GRPO trains on 10 steps and evaluates on 40."""
     num_frames: int = 1
     """Video models (Wan): frames per sample; Wan needs num_frames - 1 divisible by 4 (e.g. 33, 81)."""
     sde_window: int = 0

@@ -44,7 +44,7 @@ class TrainablePolicy(Protocol):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
-    def save_adapter(self, directory: str | Path, network_state: dict[str, torch.Tensor] | None = None) -> None:
+    def save_adapter(self, directory: str | Path, network_state: dict[str, torch.Tensor] | None = None, adapter_state: dict[str, torch.Tensor] | None = None) -> None:
         """The trained weights in diffusers' format (`pipe.load_lora_weights(directory)` loads a LoRA)."""
         ...
 
@@ -160,12 +160,14 @@ class DiffusersPolicy:
             for name, tensor in state.items():
                 parameters[name].copy_(tensor)
 
-    def save_adapter(self, directory: str | Path, network_state: dict[str, torch.Tensor] | None = None) -> None:
+    def save_adapter(self, directory: str | Path, network_state: dict[str, torch.Tensor] | None = None, adapter_state: dict[str, torch.Tensor] | None = None) -> None:
         """LoRA in diffusers' format (`pipe.load_lora_weights(directory)` loads it), else the whole network
         in `directory/<network_name>` (diffusers' `from_pretrained` format).
 
         `network_state` is the whole network's state dict when the trainer gathered it because the network's own
         parameters are only this process's shards (FSDP); it is then what is written, with the network's config.
+        `adapter_state` (a LoRA's tensors by parameter name, e.g. `trainable_state_dict()`) is written instead of the
+        live adapters: a copy taken earlier, so that a background writer never reads weights training changes.
         """
         directory = Path(directory)
         if network_state is not None:
@@ -177,7 +179,7 @@ class DiffusersPolicy:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = get_peft_model_state_dict(self.model)
+            layers = get_peft_model_state_dict(self.model, state_dict=adapter_state)
             if self.convert_lora_to_diffusers:
                 layers = convert_state_dict_to_diffusers(layers)
             # The adapter config travels with the weights: without it, load_lora_weights assumes alpha = rank.

@@ -45,7 +45,7 @@ class SamplingOptions:
     sampler: str = "sde"  # flow families: "sde" (Flow-GRPO), "churn" (FDFO) or "ode" (deterministic, sampling only)
     noise_level: float = 0.7  # Flow-GRPO's a
     churn: float = 0.0025  # FDFO's gamma
-    eval_num_steps: int = 0  # flow families: steps of the evaluation (ODE) sampler; 0 = num_steps
+    eval_num_steps: int = 0  # steps of the evaluation sampler (flow families: the ODE); 0 = num_steps
     sde_window: int = 0  # Flow-GRPO-Fast: SDE steps per sample, the rest ODE steps; 0 = every step SDE ("sde" only)
     num_frames: int = 1  # video families: frames per sample
 
@@ -179,7 +179,8 @@ class DiffusionPolicy(DiffusersPolicy):
         return self.sampler(num_steps)
 
     def eval_num_steps(self) -> int:
-        return self.sampling.num_steps
+        """Steps of the evaluation sampler (grids, periodic evaluation): `sample.eval_num_steps`, else the training's."""
+        return self.sampling.eval_num_steps or self.sampling.num_steps
 
     # ---- schedule and conditioning ----------------------------------------------------------------------
     def schedule(self, num_steps: int) -> Schedule:

@@ -79,8 +79,6 @@ class FlowMatchingPolicy(DiffusionPolicy):
         """Flow-GRPO's SDE step (noise level `noise_level`): defined whatever sampler drew the chain."""
         return self._flow_sampler("sde", num_steps)
 
-    def eval_num_steps(self) -> int:
-        return self.sampling.eval_num_steps or self.sampling.num_steps
 
 
 

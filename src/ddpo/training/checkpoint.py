@@ -4,12 +4,17 @@ preempted epoch, with the epoch's samples), and the resume that picks the newest
 A checkpoint directory holds the adapter (or full) weights in diffusers format, `trainable.safetensors` (the
 trained tensors by name), `trainer_state.pt` (optimizer, algorithm state, grad scaler, config, the epoch) and
 `checksums.json` (`ddpo.training.checksums`); `RunDirectory.write_checkpoint` writes it atomically and prunes.
+A whole checkpoint of a LoRA run is written by a background thread from copies of the state taken at the end of
+its epoch, so training goes on while it is serialized; `wait()` joins it (before the next checkpoint, a partial
+one, the end of the run), and re-raises what failed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,30 +48,62 @@ class Checkpoints:
     def __init__(self, accelerator: Any, run_dir: RunDirectory, policy: Any, optimizer: Any, algorithm: Any, config: Config) -> None:
         self.accelerator, self.run_dir, self.policy, self.optimizer = accelerator, run_dir, policy, optimizer
         self.algorithm, self.config = algorithm, config
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
 
     def gather(self) -> CheckpointState | None:
         """The network's and optimizer's state on the main process (gathered from every process where sharded)."""
         return gather_checkpoint_state(self.accelerator, self.policy, self.optimizer)
 
-    def save(self, epoch: int, state: CheckpointState | None) -> None:
-        """The whole checkpoint of finished epoch `epoch` from a gathered `state` (main process only)."""
-        self.run_dir.write_checkpoint(epoch, lambda d: self._write(d, epoch, state), keep_last=self.config.log.keep_last)
+    def save(self, epoch: int, state: CheckpointState | None, then: Callable[[], None] | None = None, *, background: bool = True) -> None:
+        """The whole checkpoint of finished epoch `epoch` from a gathered `state` (main process only), then `then`
+        (what must follow the checkpoint: best.json, the report). A LoRA's is written in the background from
+        copies; a full network's (read from the live model) in the foreground."""
+        self.wait()
+        frozen = self._frozen(state)
+        job = lambda: (self.run_dir.write_checkpoint(epoch, lambda d: self._write(d, epoch, state, frozen=frozen), keep_last=self.config.log.keep_last), then and then())  # noqa: E731
+        if background and self.policy.lora.enabled and state.network is None:
+            self._pending = self._writer.submit(job)
+        else:
+            job()
+
+    def wait(self) -> None:
+        """Join the checkpoint being written in the background, re-raising its error (e.g. a full disk)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
+
+    def _frozen(self, state: CheckpointState) -> dict:
+        """Copies of everything a checkpoint reads that training goes on changing."""
+        return {
+            "optimizer": copy.deepcopy(state.optimizer),
+            "algorithm": copy.deepcopy(self.algorithm.state_dict()),
+            "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+        }
 
     def save_if_missing(self, epoch: int) -> Path:
         """The checkpoint of finished epoch `epoch` (0: the weights before training), written if it is not there
         yet: what a run preempted while sampling the next epoch resumes from (its state is still that epoch's)."""
+        self.wait()
         path = self.run_dir.checkpoints_dir / epoch_name(epoch)
         if any(e == epoch for e, _ in self.run_dir.checkpoints()):
             return path
         state = self.gather()
         if self.accelerator.is_main_process:
-            self.save(epoch, state)
+            self.save(epoch, state, background=False)
         self.accelerator.wait_for_everyone()
         return path
 
     def save_partial(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor, progress: dict) -> Path:
         """checkpoints/epoch-NNNN-partial: the state after an optimizer step inside epoch `epoch`, with what the
         rest of the epoch needs (every process's samples, rewards and advantages, and how far the update got)."""
+        self.wait()
         state = self.gather()
         local = epoch_samples_state(samples, advantages)
         shares = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
@@ -88,10 +125,14 @@ class Checkpoints:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _write(self, directory: Path, epoch: int, state: CheckpointState, partial: dict | None = None) -> None:
-        self.policy.save_adapter(directory, network_state=state.network)
+    def _write(self, directory: Path, epoch: int, state: CheckpointState, partial: dict | None = None, frozen: dict | None = None) -> None:
+        frozen = frozen or self._frozen(state)
+        if self.policy.lora.enabled and state.network is None:
+            self.policy.save_adapter(directory, adapter_state=state.trainable)  # the copies, not the live weights
+        else:
+            self.policy.save_adapter(directory, network_state=state.network)
         save_file(state.trainable, str(directory / "trainable.safetensors"))
-        optimizer_state = state.optimizer
+        optimizer_state = frozen["optimizer"]
         if state.optimizer_layout == "deepspeed-zero":  # not loadable with weights_only: a file of its own
             torch.save(optimizer_state, directory / DEEPSPEED_OPTIMIZER_STATE)
             optimizer_state = None
@@ -100,8 +141,8 @@ class Checkpoints:
                 "epoch": epoch,
                 "optimizer": optimizer_state,
                 "optimizer_layout": state.optimizer_layout,
-                "algorithm": self.algorithm.state_dict(),
-                "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+                "algorithm": frozen["algorithm"],
+                "grad_scaler": frozen["grad_scaler"],
                 "config": config_to_dict(self.config),
                 "partial": partial,
             },

@@ -275,7 +275,7 @@ def evaluate_run(target: str | Path, which: Sequence[str] = (), prompts_file: st
     scorers = eval_rewards_of(config, rewards)
     sample = config.sample
     sampling = SamplingOptions(
-        num_steps=sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale, height=sample.height,
+        num_steps=sample.eval_num_steps or sample.num_steps, eta=sample.eta, guidance_scale=sample.guidance_scale, height=sample.height,
         width=sample.width, scheduler=sample.scheduler, num_frames=sample.num_frames,
     )  # fmt: skip
     flow_steps = sample.eval_num_steps or sample.num_steps  # flow models evaluate as the trainer does

@@ -149,6 +149,7 @@ class Trainer:
             raise
         finally:
             self._executor.shutdown(wait=True)
+            self.checkpoints.close()  # the checkpoint written in the background, joined (its error raised)
             self.accelerator.end_training()
         if self.accelerator.is_main_process:
             self.recorder.save_before_after(self.last_epoch)
@@ -175,9 +176,10 @@ class Trainer:
             new_best = self.monitor.due(epoch) and self._agree(self.recorder.evaluate(epoch))
             stop = self._agree(self.monitor.should_stop(epoch))
             preempted = self._any_process(self.preemption.received is not None)
-            self.record(epoch, samples, train_metrics, train_seconds, new_best=new_best, stop=stop, force_save=preempted)
+            self.recorder.record(epoch, samples, train_metrics, train_seconds, new_best=new_best, stop=stop, force_save=preempted)
             self.last_epoch = epoch
             if preempted and epoch < self.config.train.epochs and not stop:
+                self.checkpoints.wait()
                 raise self._preempted(epoch, "at the end of the epoch", self.run_dir.checkpoints_dir / epoch_name(epoch))
             if stop:
                 if self.accelerator.is_main_process:
@@ -331,8 +333,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, **when: bool) -> None:
-        """The epoch's record (`ddpo.training.record.Recorder.record`)."""
+        """The epoch's record (`ddpo.training.record.Recorder.record`), its checkpoint written when this returns
+        (`run()` lets it finish in the background while the next epoch samples)."""
         self.recorder.record(epoch, samples, train_metrics, train_seconds, **when)
+        self.checkpoints.wait()
 
     def save_sample_grid(self, epoch: int) -> None:
         self.recorder.save_sample_grid(epoch)

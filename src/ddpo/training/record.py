@@ -59,14 +59,10 @@ class Recorder:
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics(record)
             append_jsonl(self.run_dir.prompt_rewards_path, {"epoch": epoch, "prompts": prompt_rewards})
-            if save:
-                self.checkpoints.save(epoch, state)
-            if new_best:
-                self._write_best(epoch)
-            if stop:
-                self._write_best(self.monitor.best.epoch, stopped_after=epoch)
-            if save:
-                self.write_report()
+            if save:  # best.json and the report follow the checkpoint they name, on its writer's thread
+                self.checkpoints.save(epoch, state, then=lambda: self._after_checkpoint(epoch, new_best, stop))
+            else:
+                self._after_checkpoint(epoch, new_best, stop, report=False)
             self.accelerator.print(
                 f"epoch {epoch}: reward {record['reward_mean']:.4f} +- {record['reward_std']:.4f}  loss {record['loss']:.4g}  "
                 f"kl {record['approx_kl']:.3g}  clipfrac {record['clipfrac']:.3f}  "
@@ -133,6 +129,14 @@ class Recorder:
             prompt: {"mean": round(float(np.mean(values)), 6), "std": round(float(np.std(values)), 6), "n": len(values)}
             for prompt, values in sorted(by_prompt.items())
         }
+
+    def _after_checkpoint(self, epoch: int, new_best: bool, stop: bool, *, report: bool = True) -> None:
+        if new_best:
+            self._write_best(epoch)
+        if stop:
+            self._write_best(self.monitor.best.epoch, stopped_after=epoch)
+        if report:
+            self.write_report()
 
     def _write_best(self, epoch: int, stopped_after: int | None = None) -> None:
         record = {
