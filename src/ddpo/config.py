@@ -110,7 +110,8 @@ class SampleConfig:
     scheduler: str = "ddim"
     """Sampler of DDIM-family models: "ddim" (with `eta`) or "ddpm". Flow-matching models (a
     FlowMatchEulerDiscreteScheduler: the Shapes flow twin, SD3, FLUX) sample with the algorithm's sampler:
-    Flow-GRPO's SDE (ddpo_*, rwr*, flow_grpo) or FDFO's churned Euler steps (fdfo); they evaluate with the ODE."""
+    Flow-GRPO's SDE (ddpo_*, rwr*, flow_grpo, grpo_guard, mix_grpo), FDFO's churned Euler steps (fdfo) or the
+    Euler ODE (diffusion_nft, awm); they evaluate with the ODE."""
     noise_level: float = 0.7
     """Flow models: Flow-GRPO's SDE noise level a, the step std being a * sqrt(sigma / (1 - sigma)) * sqrt(-dt)."""
     churn: float = 0.0025
@@ -124,7 +125,9 @@ class SampleConfig:
     """Flow models with the SDE sampler: Flow-GRPO-Fast's window of this many consecutive SDE steps per sample,
     starting at a random step of the first half of the chain (drawn from the sample's own noise seed); every
     other step is a deterministic ODE (Euler) step, and only the window's steps are trained (`timestep_fraction`
-    of them, rounded up). 0 = every step is an SDE step. Not for fdfo or DDIM-family models."""
+    of them, rounded up). 0 = every step is an SDE step. mix_grpo needs it: its window is MixGRPO's, at one
+    step for all samples, moved over training (`train.sde_window_shift_interval`). Not for fdfo, diffusion_nft,
+    awm or DDIM-family models."""
 
 
 @dataclass
@@ -133,8 +136,10 @@ class TrainConfig:
 
     algorithm: str = "ddpo_is"
     """One of "ddpo_is" (importance sampling, clipped), "ddpo_sf" (score function), "rwr", "rwr_sparse",
-    "flow_grpo" (group advantages, PPO-clip on SDE log-probs), "fdfo" (Finite Difference Flow Optimization:
-    pairs, SPO surrogate with eps = spo_epsilon; flow-matching models only)."""
+    "flow_grpo" (group advantages, PPO-clip on SDE log-probs), "grpo_guard" (flow_grpo with ratio_normalization),
+    "mix_grpo" (flow_grpo with MixGRPO's sliding SDE window), "fdfo" (Finite Difference Flow Optimization: pairs,
+    SPO surrogate with eps = spo_epsilon), "diffusion_nft" (DiffusionNFT: implicit positive/negative policies on the
+    forward process), "awm" (Advantage Weighted Matching); the last four on flow-matching models only."""
     epochs: int = 100
     """Outer epochs: each samples a fresh batch of images, then trains on it."""
     lr: float = 3e-4
@@ -154,7 +159,8 @@ class TrainConfig:
     inner_epochs: int = 1
     """Passes over each epoch's samples (several only for ddpo_is, rwr and rwr_sparse)."""
     clip_range: float = 1e-4
-    """PPO clip range epsilon of ddpo_is and flow_grpo (the ratio is clipped to [1 - eps, 1 + eps])."""
+    """PPO clip range epsilon of ddpo_is, flow_grpo, grpo_guard, mix_grpo and awm (the ratio is clipped to
+    [1 - eps, 1 + eps]; AWM's code uses 1)."""
     spo_epsilon: float = 3e-2
     """fdfo's trust region: eps of the SPO surrogate -dR r + |dR| / (2 eps) (r - 1)^2 (3e-2 in the FDFO paper)."""
     kl_weight: float = 0.0
@@ -194,6 +200,24 @@ class TrainConfig:
     improved for `early_stop_patience` epochs; its best epoch is checkpointed and named in RUN_DIR/best.json."""
     early_stop_patience: int = 10
     """Epochs without a new best held-out score before `early_stop_on_heldout` stops the run."""
+    ratio_normalization: bool = False
+    """flow_grpo, mix_grpo: GRPO-Guard's ratio normalization (arXiv 2510.22319): each step's log ratio is
+    re-centred and re-scaled, s log r + mean((mu_theta - mu_old)^2) / (2 s) with s the step's std, so that the clip
+    range bounds positive and negative updates alike at every step (grpo_guard always has it on)."""
+    sde_window_shift_interval: int = 25
+    """mix_grpo: epochs between moves of the SDE window (MixGRPO's shift interval tau, 25 iterations in its code)."""
+    sde_window_stride: int = 1
+    """mix_grpo: steps the SDE window moves by each time (MixGRPO's stride, 1 in its code); past the chain's end
+    it rolls back to step 0."""
+    nft_beta: float = 1.0
+    """diffusion_nft: beta of the implicit policies v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v
+    (the paper's 1.0; 0.1 for its OCR and multi-reward runs)."""
+    awm_power: float = 0.25
+    """awm: power p of the generalised Huber weighting of the matching loss, -sigma ((l + e)^p - e^p) / p (its
+    code's default 0.25; 1 is the sigma-weighted flow-matching loss)."""
+    awm_old_kl_weight: float = 1.0
+    """awm: weight of mean((v - v_old)^2), the velocity's distance to the sampling policy's at the same noised
+    latents (its code's EMA KL, weight 1)."""
     on_policy_check: bool = True
     """Algorithms with an importance ratio (ddpo_is, flow_grpo): stop the run at an epoch's first optimizer step
     when some ratio pi_theta / pi_old, which must be 1 there, is off by more than `clip_range` (log-probs

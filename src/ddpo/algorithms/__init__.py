@@ -2,10 +2,13 @@
 
 from typing import Any
 
+from ddpo.algorithms.awm import AdvantageWeightedMatching
 from ddpo.algorithms.base import Algorithm, LossOutput, MicroBatch, OffPolicyError, check_on_policy, regularizers_from_config
 from ddpo.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
+from ddpo.algorithms.diffusion_nft import DiffusionNFT
 from ddpo.algorithms.fdfo import FiniteDifferenceFlowOptimization
-from ddpo.algorithms.flow_grpo import FlowGRPO
+from ddpo.algorithms.flow_grpo import FlowGRPO, GRPOGuard
+from ddpo.algorithms.mix_grpo import MixGRPO
 from ddpo.algorithms.rwr import RewardWeightedRegression, SparseRewardWeightedRegression
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -14,7 +17,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "rwr": RewardWeightedRegression,
     "rwr_sparse": SparseRewardWeightedRegression,
     "flow_grpo": FlowGRPO,
+    "grpo_guard": GRPOGuard,
+    "mix_grpo": MixGRPO,
     "fdfo": FiniteDifferenceFlowOptimization,
+    "diffusion_nft": DiffusionNFT,
+    "awm": AdvantageWeightedMatching,
 }
 
 
@@ -37,13 +44,17 @@ def build_algorithm_from_config(train: Any) -> Algorithm:
 
 __all__ = [
     "ALGORITHMS",
+    "AdvantageWeightedMatching",
     "Algorithm",
     "DDPOImportanceSampling",
     "DDPOScoreFunction",
+    "DiffusionNFT",
     "FiniteDifferenceFlowOptimization",
     "FlowGRPO",
+    "GRPOGuard",
     "LossOutput",
     "MicroBatch",
+    "MixGRPO",
     "OffPolicyError",
     "check_on_policy",
     "RewardWeightedRegression",

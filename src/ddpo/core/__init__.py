@@ -1,5 +1,6 @@
 """Pure tensor math of DDPO and its successors: reverse-step Gaussians and log-probs (DDIM, flow SDE, churned
-Euler), losses, advantage normalisation, FDFO's finite differences."""
+Euler), losses, advantage normalisation, FDFO's finite differences, the forward-process losses of DiffusionNFT
+and AWM."""
 
 from ddpo.core.advantages import PerPromptStatTracker, global_normalize, group_normalize
 from ddpo.core.ddim import (
@@ -13,10 +14,21 @@ from ddpo.core.ddim import (
 )
 from ddpo.core.finite_difference import endpoint_directions, pair_reward_differences, velocity_log_likelihood
 from ddpo.core.flow import churn_noise, churn_step, euler_step, flow_sigmas, sde_std, sde_step
+from ddpo.core.forward_process import (
+    adaptive_matching_loss,
+    awm_log_likelihood,
+    flow_matching_target,
+    noised,
+    nft_implicit_velocities,
+    nft_loss,
+    nft_optimality,
+    velocity_divergence,
+)
 from ddpo.core.losses import (
     approx_kl,
     clip_advantages,
     clip_fraction,
+    normalized_log_ratio,
     ppo_clip_loss,
     reinforce_loss,
     rwr_weights,
@@ -28,7 +40,9 @@ from ddpo.core.losses import (
 __all__ = [
     "PerPromptStatTracker",
     "StepOutput",
+    "adaptive_matching_loss",
     "approx_kl",
+    "awm_log_likelihood",
     "churn_noise",
     "churn_step",
     "clip_advantages",
@@ -38,11 +52,17 @@ __all__ = [
     "ddpm_step",
     "endpoint_directions",
     "euler_step",
+    "flow_matching_target",
     "flow_sigmas",
     "gaussian_kl",
     "gaussian_log_prob",
     "global_normalize",
     "group_normalize",
+    "nft_implicit_velocities",
+    "nft_loss",
+    "nft_optimality",
+    "noised",
+    "normalized_log_ratio",
     "pair_reward_differences",
     "ppo_clip_loss",
     "predicted_original_and_epsilon",
@@ -52,6 +72,7 @@ __all__ = [
     "sde_step",
     "sparse_rwr_weights",
     "spo_loss",
+    "velocity_divergence",
     "velocity_log_likelihood",
     "weighted_log_likelihood_loss",
 ]

@@ -139,3 +139,32 @@ def spo_loss(advantages: Tensor, ratio: Tensor, epsilon: float) -> Tensor:
         Scalar loss.
     """
     return (-advantages * ratio + advantages.abs() / (2.0 * epsilon) * (ratio - 1.0) ** 2).mean()
+
+
+def normalized_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:
+    """GRPO-Guard's ratio normalization (RatioNorm; Wang et al. 2025, arXiv 2510.22319) of one Gaussian step's log
+    importance ratio.
+
+    For a step x' = mu_old + s eps of std s, with Delta = mu_theta - mu_old, the per-dimension log ratio is
+    log r = mean(eps Delta) / s - mean(Delta^2) / (2 s^2): its mean is negative (the ratios sit left of 1, so
+    the upper clip rarely fires on positive advantages) and its spread scales as 1/s, which differs from step to
+    step. RatioNorm removes the shift and the 1/s scale:
+
+        log r_norm = s log r + mean(Delta^2) / (2 s) = mean(eps Delta),
+
+    zero-mean and of the same scale at every step (as X-GenGroup/Flow-Factory's `GRPOGuardTrainer` computes it).
+
+    Args:
+        log_prob: (...) log pi_theta(x' | x) averaged over latent dimensions (`gaussian_log_prob`), with grad.
+        old_log_prob: (...) the same under the sampling policy.
+        mean: (..., *latent) the current policy's Gaussian mean mu_theta, with grad.
+        old_mean: (..., *latent) the sampling policy's mean mu_old.
+        std: the step's std s, one per step: (...) or (..., 1, ..., 1).
+
+    Returns:
+        (...) the normalised log ratio, float32.
+    """
+    leading = log_prob.ndim
+    drift = (mean.float() - old_mean.float()).pow(2).mean(dim=tuple(range(leading, mean.ndim)))
+    step_std = std.float().reshape(log_prob.shape)
+    return step_std * (log_prob.float() - old_log_prob.float()) + drift / (2 * step_std)

@@ -71,3 +71,26 @@ def flow_sampler(name: str, *, noise_level: float, sigma_max: float, churn: floa
     if name == "ode":
         return Sampler("ode", ode_step, ode_step, stochastic=False)
     raise ValueError(f"unknown flow sampler {name!r}; one of {', '.join(FLOW_SAMPLERS)}")
+
+
+def sliding_window_start(iteration: int, num_steps: int, window: int, shift_interval: int, stride: int) -> int:
+    """MixGRPO's sliding window (Li et al. 2025, arXiv 2507.21802; Tencent-Hunyuan/MixGRPO, its "progressive"
+    strategy with roll-back): the first SDE step of every chain at training iteration `iteration` (0-based).
+
+    The window of `window` consecutive steps starts at step 0 and moves `stride` steps later every
+    `shift_interval` iterations; past the last start that keeps it inside the chain, num_steps - window, it rolls
+    back to 0. From the high-noise steps, where the sample's layout is decided, towards the detail steps:
+
+        start = stride * ((iteration // shift_interval) mod (floor((num_steps - window) / stride) + 1)).
+
+    Args:
+        iteration: >= 0.
+        num_steps: T, the steps of a chain.
+        window: w in [1, T].
+        shift_interval: tau >= 1, iterations between moves.
+        stride: s >= 1, steps per move.
+    """
+    if not 1 <= window <= num_steps or shift_interval < 1 or stride < 1 or iteration < 0:
+        raise ValueError(f"no sliding window with iteration={iteration}, num_steps={num_steps}, window={window}, shift_interval={shift_interval}, stride={stride}")
+    positions = (num_steps - window) // stride + 1
+    return stride * ((iteration // shift_interval) % positions)

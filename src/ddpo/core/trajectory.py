@@ -63,9 +63,9 @@ class Trajectory:
     prompt_mask, negative_mask: (B, L) attention masks of the text states where the family pads them per
                      prompt (Qwen-Image, Z-Image), else None
     model_outputs:   (B, T, ...) or None  the guided model output (velocity) at each step, when the sampler keeps
-                                          it (FDFO's v_ref)
-    sde_window_start: (B,) int64 or None  the first step of each chain's SDE window (Flow-GRPO-Fast, MixGRPO): the
-                                          steps outside it are deterministic
+                                          it (FDFO's v_ref; GRPO-Guard's sampling-policy means)
+    sde_window_start: (B,) int64 or None  the first step of each chain's SDE window (Flow-GRPO-Fast: drawn per
+                                          chain; MixGRPO: one for the epoch): the steps outside it are deterministic
     prepared:        what the training algorithm derived from the epoch's samples before training (its own
                      `SampleData`, e.g. FDFO's finite differences), else None
     prompts, metadata, images: per-sample Python objects (images are the decoded x_0; for a video family, each
@@ -139,6 +139,9 @@ class StepPrediction:
     log_prob:               (B, K) log-density of the recorded next latent (fp32, with grad)
     reference_model_output, reference_mean: the same from the reference model (adapters disabled, no grad),
                             present when asked for (KL regularisation)
+    old_mean:               (B, K, ...) the sampling policy's mean at the same steps, from the model outputs
+                            recorded while sampling, where the trajectory kept them (GRPO-Guard's ratio
+                            normalization), else None
     """
 
     model_output: torch.Tensor
@@ -147,3 +150,4 @@ class StepPrediction:
     log_prob: torch.Tensor
     reference_model_output: torch.Tensor | None = None
     reference_mean: torch.Tensor | None = None
+    old_mean: torch.Tensor | None = None

@@ -59,9 +59,9 @@ def policy_for_pipeline(
 ) -> DiffusersPolicy:
     """The policy over a loaded `pipeline` with the model, sampling and train sections of `config`.
 
-    `sampler` is the flow policies' training sampler ("sde", "churn" or "ode" for sampling only; only "sde"
-    takes `sample.sde_window`); the DDIM policy has only its own (a "churn" request or `sample.sde_window` for a
-    DDIM model is refused).
+    `sampler` is the flow policies' training sampler ("sde", "churn", or "ode" for the algorithms that train on the
+    forward process; only "sde" takes `sample.sde_window`); the DDIM policy has only its own (a "churn" or "ode"
+    request or `sample.sde_window` for a DDIM model is refused).
     """
     model = config.model
     if lora is None:
@@ -77,7 +77,7 @@ def _policy_for_pipeline(pipeline, config, sampler: str, lora: LoraOptions, comm
     """`policy_for_pipeline` up to the memory format: the policy class for the pipeline, with its sampling options."""
     model, sample = config.model, config.sample
     if not is_flow_pipeline(pipeline):
-        if sampler == "churn":
+        if sampler in ("churn", "ode"):  # FDFO's churned steps; the forward-process algorithms' flow-matching velocity
             raise PolicyLoadError(
                 f"train.algorithm={config.train.algorithm!r} needs a flow-matching model (FlowMatchEulerDiscreteScheduler); "
                 f"model.pretrained={model.pretrained!r} uses {type(pipeline.scheduler).__name__}"

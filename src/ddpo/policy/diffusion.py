@@ -47,6 +47,8 @@ class SamplingOptions:
     churn: float = 0.0025  # FDFO's gamma
     eval_num_steps: int = 0  # steps of the evaluation sampler (flow families: the ODE); 0 = num_steps
     sde_window: int = 0  # Flow-GRPO-Fast: SDE steps per sample, the rest ODE steps; 0 = every step SDE ("sde" only)
+    sde_window_start: int | None = None  # MixGRPO: every sample's window starts at this step (set before each epoch); None = drawn per sample
+    keep_model_outputs: bool = False  # record every step's model output in the trajectory, whatever the sampler (GRPO-Guard)
     num_frames: int = 1  # video families: frames per sample
 
     @classmethod
@@ -232,7 +234,8 @@ class DiffusionPolicy(DiffusersPolicy):
         start alike: FDFO's pairs; or `initial_latents` itself when given), the fresh noise of the initial
         churn (churn sampler), the noise of every step (stochastic samplers), then (with `sde_window`) the
         start of its SDE window, recorded in `trajectory.sde_window_start` ((B,) int64); its other
-        steps are deterministic, with NaN log-probs.
+        steps are deterministic, with NaN log-probs. With `sampling.sde_window_start` set, every window starts
+        there instead (MixGRPO) and nothing is drawn for it.
         """
         batch = len(prompts)
         if len(generators) != batch:
@@ -250,8 +253,13 @@ class DiffusionPolicy(DiffusersPolicy):
         latents = latents * self.init_noise_sigma
         step_noise = draw(generators, (num_steps, *shape), self.device) if sampler.stochastic else None
         window_start = None
-        if sampler.window:  # drawn after the step noise, so the window's steps get the noise they would get without one
+        if sampler.window and self.sampling.sde_window_start is not None:
+            if not 0 <= self.sampling.sde_window_start <= num_steps - sampler.window:
+                raise ValueError(f"an SDE window of {sampler.window} steps cannot start at step {self.sampling.sde_window_start} of a {num_steps}-step chain")
+            window_start = torch.full((batch,), self.sampling.sde_window_start, dtype=torch.long, device=self.device)
+        elif sampler.window:  # drawn after the step noise, so the window's steps get the noise they would get without one
             window_start = draw_window_starts(generators, max(num_steps // 2, sampler.window) - sampler.window + 1, self.device)
+        keep_outputs = sampler.keeps_model_outputs or (self.sampling.keep_model_outputs and not self._evaluating)
         cond = self.conditioning(prompts)
         dtype = self.model.dtype  # read once: diffusers walks every submodule to answer it
         cond_in = cond.to(self.device, dtype)
@@ -269,7 +277,7 @@ class DiffusionPolicy(DiffusersPolicy):
                 log_prob = torch.where(in_window, log_prob, float("nan"))
             all_latents.append(latents)
             all_log_probs.append(log_prob)
-            if sampler.keeps_model_outputs:
+            if keep_outputs:
                 outputs.append(output)
         return Trajectory(
             latents=torch.stack(all_latents, dim=1),
@@ -323,6 +331,9 @@ class DiffusionPolicy(DiffusersPolicy):
         output = self.network_output(self.denoiser, latents.to(dtype), timesteps, cond, guidance=self.train_cfg).float()
         step = sampler.step(output, latents, level, next_level, prev_sample=prev_sample)
         prediction = StepPrediction(model_output=unflatten(output), mean=unflatten(step.mean), std=unflatten(step.std), log_prob=unflatten(step.log_prob))
+        if trajectory.model_outputs is not None:  # the sampling policy's step, from its recorded output: no model call
+            recorded = trajectory.model_outputs[rows, index].float()
+            prediction.old_mean = unflatten(sampler.step(recorded, latents, level, next_level, prev_sample=prev_sample).mean)
         if reference:
             with torch.no_grad(), self.reference_model() as base:
                 base_output = self.network_output(base, latents.to(dtype), timesteps, cond, guidance=self.train_cfg).float()

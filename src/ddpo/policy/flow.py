@@ -8,7 +8,8 @@ sampler integrates the ODE x' = v from sigma = 1 to 0 (`ddpo.core.flow`). Three 
   every step is a Gaussian policy with an exact log-prob; noise level a = `noise_level`.
 - "churn": FDFO's churned Euler step (McAllister et al. 2026, arXiv 2603.12893) with churn gamma = `churn`,
   the initial noise churned too; the velocities are kept in the trajectory (FDFO's v_ref).
-- "ode": the deterministic Euler sampler, for evaluation (no log-prob).
+- "ode": the deterministic Euler sampler, for evaluation (no log-prob), and for training the algorithms that
+  train on the forward process instead of the sampler's steps (DiffusionNFT, AWM: `velocity`).
 
 With `sde_window` = k > 0 the SDE sampler is Flow-GRPO-Fast's mix (Liu et al. 2025; flow_grpo
 `sd3_pipeline_with_logprob_fast`): each sample takes SDE steps only inside a window of k consecutive steps and
@@ -16,7 +17,8 @@ deterministic Euler steps elsewhere, so only those k steps have a log-prob to tr
 uniform over the starts that keep it inside the first half of the chain, [0, max(T // 2, k) - k] (flow_grpo's
 `sde_window_range = (0, num_steps // 2)`): the early, high-noise steps, where the SDE's noise changes the image
 most (the last steps have tiny stds, whose log-probs are numerically fragile); a window longer than half the
-chain starts at step 0.
+chain starts at step 0. MixGRPO instead puts every sample's window at one step that its algorithm moves over
+training (`sampling.sde_window_start`, set before each epoch).
 
 Training samples with `sampler` and `num_steps`; inside `policy.evaluation()` the policy samples with the
 ODE and `eval_num_steps` (Flow-GRPO trains on 10 steps and evaluates on 40). The loop itself is
@@ -30,6 +32,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..core.samplers import FLOW_SAMPLERS, Sampler, flow_sampler
 from .base import LoraOptions
+from ..core.trajectory import Trajectory
 from .diffusion import Conditioning, DiffusionPolicy, FlowSamplingOptions, SamplingOptions, Schedule
 from .stable_diffusion import StableDiffusionText
 
@@ -79,6 +82,35 @@ class FlowMatchingPolicy(DiffusionPolicy):
         """Flow-GRPO's SDE step (noise level `noise_level`): defined whatever sampler drew the chain."""
         return self._flow_sampler("sde", num_steps)
 
+
+    def velocity(self, trajectory: Trajectory, noisy_latents: torch.Tensor, levels: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
+        """The conditional velocity v(x_sigma, sigma, c) at given noised latents, without classifier-free guidance.
+
+        For sample b of `trajectory` (its prompt's conditioning) and each of its K noise levels sigma = levels[b, k],
+        the network's velocity at noisy_latents[b, k]: what the forward-process algorithms (DiffusionNFT, AWM) train
+        by flow matching on noised copies of the epoch's clean samples. All B*K pairs go through the network as one
+        batch, through `denoiser` (with gradients unless the caller disables them), or with `reference` through the
+        reference model (adapters disabled, no gradients).
+
+        Args:
+            trajectory: B samples (their prompt conditioning).
+            noisy_latents: (B, K, ...) latents as the network sees them (packed for FLUX-like families).
+            levels: (B, K) noise levels sigma in [0, 1].
+
+        Returns:
+            (B, K, ...) float32.
+        """
+        batch, columns = levels.shape
+        latents = noisy_latents.reshape(batch * columns, *noisy_latents.shape[2:]).to(self.device)
+        sigmas = levels.reshape(-1).to(self.device).float()
+        dtype = self.model.dtype
+        cond = Conditioning.of(trajectory).repeat_interleave(columns).to(self.device, dtype)
+        if reference:
+            with torch.no_grad(), self.reference_model() as base:
+                output = self.network_output(base, latents.to(dtype), sigmas, cond, guidance=False)
+        else:
+            output = self.network_output(self.denoiser, latents.to(dtype), sigmas, cond, guidance=False)
+        return output.float().reshape(batch, columns, *output.shape[1:])
 
 
 
