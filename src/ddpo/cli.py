@@ -403,6 +403,30 @@ def sweep(run_dir: str, cfg_scales: str, rl_scales: str, which: str, seeds: int 
         raise UserError(str(error)) from error
 
 
+@main.command("compare")
+@click.argument("config_path", metavar="CONFIG")
+@click.option("--algorithms", required=True, metavar="A,B,...", help="Registered algorithms, comma-separated (e.g. ddpo_is,ddpo_sf,rwr,rwr_sparse).")
+@click.option("--budget", required=True, type=int, metavar="QUERIES", help="Reward queries per run: a whole number of the config's epochs.")
+@click.option("--seeds", default=3, show_default=True, type=int, metavar="K", help="Runs per algorithm, seeds 0..K-1.")
+@click.option("--out", type=click.Path(file_okay=False), metavar="DIR", help="Comparison directory (default: comparisons/<config name>); rerun the same command to continue it.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key for every run; repeatable.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def compare(config_path: str, algorithms: str, budget: int, seeds: int, out: str | None, overrides: tuple[str, ...], no_progress: bool) -> None:
+    """Train each algorithm with K seeds at the same budget of reward queries; DIR/comparison.html and .json."""
+    _quiet_libraries()
+    from .compare import CompareError, parse_algorithms, plan_comparison, run_comparison
+    from .preemption import REQUEUE_EXIT_STATUS, Preempted
+
+    try:
+        plan = plan_comparison(config_path, parse_algorithms(algorithms), budget, seeds, overrides, out)
+        click.echo(run_comparison(plan, progress=not no_progress, log=click.echo))
+    except Preempted as stopped:
+        click.echo(f"ddpo: preempted: {stopped}; rerun the same `ddpo compare` command to continue", err=True)
+        sys.exit(REQUEUE_EXIT_STATUS)
+    except (CompareError, *_user_errors()) as error:
+        raise UserError(str(error).strip('"')) from error
+
+
 @main.command("serve-reward")
 @click.option("--reward", "reward_name", required=True, metavar="NAME", help="Registered reward name or 'package.module:function'.")
 @click.option("--kwargs", "reward_kwargs", default="{}", metavar="JSON", help='Keyword arguments of the reward, a JSON object, e.g. \'{"model": "DIR"}\'.')
