@@ -180,6 +180,12 @@ def test_bad_input_is_refused_in_one_line_before_anything_runs(tmp_path, changes
     assert "Traceback" not in result.output and not out.exists()
 
 
+def test_a_launcher_with_several_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch and torchrun set
+    result = CliRunner().invoke(main, compare_args(tmp_path / "comparison"))
+    assert result.exit_code == 2 and "start it without a launcher" in result.stderr
+
+
 def test_a_directory_trained_with_another_config_is_not_mixed_in(comparison):
     result = CliRunner().invoke(main, compare_args(comparison, extra=("train.lr=1e-2",)))
     assert result.exit_code == 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import shlex
 import shutil
 import time
@@ -166,6 +167,8 @@ def plan_comparison(config: str, algorithms: Sequence[str], budget: int, seeds: 
     """
     from .algorithms import ALGORITHMS
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CompareError("ddpo compare trains its runs one after another in one process: start it without a launcher (accelerate launch, torchrun)")
     if seeds < 1:
         raise CompareError(f"--seeds {seeds}: give at least 1 (2 or more for intervals)")
     for override in overrides:
@@ -309,6 +312,11 @@ def collect(plan: Plan) -> dict:
                 final[algorithm][name] = mean_interval(values)
         per_query = [sum(r["sample_seconds"] + r["train_seconds"] for r in metrics[(algorithm, s)]) / plan.budget for s in seeds]
         timing[algorithm] = {"seconds_per_query": mean_interval(per_query), "seconds_all_seeds": round(sum(per_query) * plan.budget, 1)}
+    notes = list(plan.notes)
+    if plan.eval_every and not any("heldout_on_unseen" in final[a] for a in plan.algorithms):
+        notes.append("No unseen prompts: this config's evaluation holds only prompts it trains on (set prompts.heldout_file).")
+    if plan.eval_every and not base.model.use_lora:
+        notes.append("KL to the base model not measured: it compares the policy with its LoRA disabled (model.use_lora=false).")
     first_records = [next((r for r in records if r["epoch"] == 0), None) for records in monitor.values()]
     baseline = [r for r in first_records if r is not None]
     if baseline:
@@ -327,7 +335,7 @@ def collect(plan: Plan) -> dict:
         "epochs": plan.epochs,
         "eval_every": plan.eval_every,
         "runs": {f"{a}-seed{s}": str(plan.run_dir(a, s).relative_to(plan.out)) for a, s in plan.cells()},
-        "notes": plan.notes,
+        "notes": notes,
         "curves": curves,
         "final": final,
         "queries_to_fraction": _queries_to_fraction(plan, metrics, curves),
@@ -402,7 +410,7 @@ def _tables(result: dict) -> str:
     final, reach, timing = result["final"], result["queries_to_fraction"], result["timing"]
     columns = [("eval_reward", "reward, eval set"), ("heldout_on_trained", "held-out, trained prompts"), ("heldout_on_unseen", "held-out, unseen prompts"),
                ("diversity", "diversity"), ("kl", "KL to base")]  # fmt: skip
-    shown = [(key, label) for key, label in columns if any(key in final.get(a, {}) for a in result["algorithms"])]
+    shown = columns if result["eval_every"] else []  # n/a where a run did not measure it (the notes say why)
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in shown)
     rows = []
     if "base" in final:
