@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_PRESET
+from .config import DEFAULT_PRESET, flatten_config
 from .errors import UserError, user_errors as _user_errors
 from .utils import quiet_libraries as _quiet_libraries
 
@@ -84,20 +84,12 @@ def _resume_auto(config_path: str | None, overrides: tuple[str, ...], out: str |
     requested = config_to_dict(load_config(config_path or DEFAULT_PRESET, overrides))
     resumable = [o for o in overrides if o.strip().startswith(RESUMABLE_OVERRIDES)]
     stored = config_to_dict(load_config(run.config_path, resumable))
-    for key, value in _flatten(requested).items():
-        if not f"{key}=".startswith(RESUMABLE_OVERRIDES) and not key.startswith(RESUMABLE_OVERRIDES) and _flatten(stored).get(key) != value:
-            raise UserError(f"--resume auto: {out} was started with {key} = {_flatten(stored).get(key)!r}, this command line asks for {value!r}; use another --out")
+    for key, value in flatten_config(requested).items():
+        if not f"{key}=".startswith(RESUMABLE_OVERRIDES) and not key.startswith(RESUMABLE_OVERRIDES) and flatten_config(stored).get(key) != value:
+            raise UserError(f"--resume auto: {out} was started with {key} = {flatten_config(stored).get(key)!r}, this command line asks for {value!r}; use another --out")
     return str(out)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key in ("model", "sample", "train", "reward", "prompts", "log"):
-            flat.update(_flatten(value, f"{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @main.command()
@@ -295,6 +287,30 @@ def sweep(run_dir: str, cfg_scales: str, rl_scales: str, which: str, seeds: int 
         click.echo(write_sweep(result, out))
     except (SweepError, *_user_errors()) as error:
         raise UserError(str(error)) from error
+
+
+@main.command("compare")
+@click.argument("config_path", metavar="CONFIG")
+@click.option("--algorithms", required=True, metavar="A,B,...", help="Registered algorithms, comma-separated (e.g. ddpo_is,ddpo_sf,rwr,rwr_sparse).")
+@click.option("--budget", required=True, type=int, metavar="QUERIES", help="Reward queries per run: a whole number of the config's epochs.")
+@click.option("--seeds", default=3, show_default=True, type=int, metavar="K", help="Runs per algorithm, seeds 0..K-1.")
+@click.option("--out", type=click.Path(file_okay=False), metavar="DIR", help="Comparison directory (default: comparisons/<config name>); rerun the same command to continue it.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key for every run; repeatable.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def compare(config_path: str, algorithms: str, budget: int, seeds: int, out: str | None, overrides: tuple[str, ...], no_progress: bool) -> None:
+    """Train each algorithm with K seeds at the same budget of reward queries; DIR/comparison.html and .json."""
+    _quiet_libraries()
+    from .compare import CompareError, parse_algorithms, plan_comparison, run_comparison
+    from .training.preemption import REQUEUE_EXIT_STATUS, Preempted
+
+    try:
+        plan = plan_comparison(config_path, parse_algorithms(algorithms), budget, seeds, overrides, out)
+        click.echo(run_comparison(plan, progress=not no_progress, log=click.echo))
+    except Preempted as stopped:
+        click.echo(f"ddpo: preempted: {stopped}; rerun the same `ddpo compare` command to continue", err=True)
+        sys.exit(REQUEUE_EXIT_STATUS)
+    except (CompareError, *_user_errors()) as error:
+        raise UserError(str(error).strip('"')) from error
 
 
 @main.command("serve-reward")

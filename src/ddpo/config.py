@@ -192,9 +192,15 @@ class TrainConfig:
     stat_min_count: int = 16
     """Rewards a prompt needs before its own statistics replace the batch's."""
     rwr_temperature: float = 1.0
-    """RWR weights are exp(reward / temperature), normalized."""
+    """RWR weights are exp(r / temperature), normalized to mean 1 over the epoch; r is the standardized reward
+    (`rwr_normalize`), so T = 1 weighs a sample one std above its prompt's mean e times one at the mean."""
     rwr_percentile: float = 90.0
-    """rwr_sparse keeps the samples whose reward is above this percentile, in [0, 100)."""
+    """rwr_sparse keeps the samples whose (standardized, see `rwr_normalize`) reward is at or above this
+    percentile of the epoch's, in [0, 100); 90 keeps the top 10% (the paper's)."""
+    rwr_normalize: bool = True
+    """rwr and rwr_sparse weigh the rewards standardized as DDPO's advantages (`per_prompt_stat_tracking`,
+    `global_std`, `adv_clip_max`), which makes `rwr_temperature` independent of the reward's units; false weighs
+    the raw rewards, as the paper's reference code (with T = 5 on SD's JPEG sizes in kB)."""
     early_stop_on_heldout: bool = False
     """Stop when the held-out score of the periodic evaluation (`log.eval_every`, `log.heldout_reward`) has not
     improved for `early_stop_patience` epochs; its best epoch is checkpointed and named in RUN_DIR/best.json."""
@@ -475,6 +481,17 @@ def load_config(
         _merge(config, _parse_override(override))
     check_fields(config)
     return config
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """A config's dict (`config_to_dict`) or overrides' tree as `section.key` -> value."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in ("model", "sample", "train", "reward", "prompts", "log"):
+            flat.update(flatten_config(value, f"{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -58,11 +58,6 @@ class FiniteDifferenceFlowOptimization(TrajectoryStepAlgorithm):
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        if config.train.clip_range != type(config.train)().clip_range:
-            raise ValueError(
-                f"train.clip_range={config.train.clip_range:g} is PPO's clip range, which fdfo does not use; "
-                "its trust region is train.spo_epsilon (the SPO surrogate's eps)"
-            )
         sample = config.sample
         if sample.samples_per_prompt != 2:
             raise ValueError(f"sample.samples_per_prompt={sample.samples_per_prompt}: fdfo samples each prompt as one pair; set it to 2")

@@ -57,10 +57,11 @@ def weighted_log_likelihood_loss(weights: Tensor, log_prob: Tensor) -> Tensor:
 def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
     """RWR weights exp(r / T), normalised to mean 1 (w_RWR of Black et al. 2023, Sec. 4.2; Peters & Schaal 2007).
 
-    Computed as n * softmax(r / T), which cannot overflow.
+    Computed as n * softmax(r / T), which cannot overflow: the paper's reference code computes the same
+    N softmax(beta r) with beta = 1 / T (jannerm/ddpo, `ddpo/utils/hdf5.py:make_weights`).
 
     Args:
-        rewards: (n,) rewards of the whole epoch.
+        rewards: (n,) rewards of the whole epoch, raw or standardised (`ddpo.algorithms.rwr`).
         temperature: T > 0; smaller values concentrate the weight on the best samples.
 
     Returns:
@@ -80,7 +81,7 @@ def sparse_rwr_weights(rewards: Tensor, percentile: float) -> Tensor:
     kept. At least the best sample is always kept.
 
     Args:
-        rewards: (n,) float rewards of the whole epoch.
+        rewards: (n,) float rewards of the whole epoch, raw or standardised (`ddpo.algorithms.rwr`).
         percentile: in [0, 100).
 
     Returns:
