@@ -184,8 +184,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 spec = json.loads(open(sys.argv[1]).read())
 
-import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image
 from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
@@ -221,6 +221,9 @@ config = DDPOConfig(
     train_clip_range=work["clip_range"], train_timestep_fraction=1.0, per_prompt_stat_tracking=True,
     per_prompt_stat_tracking_buffer_size=work["stat_buffer_size"], per_prompt_stat_tracking_min_count=work["stat_min_count"],
 )
+# TRL's pipeline logs a warning through accelerate's logger when the directory has no LoRA weights, which raises
+# unless accelerate's state exists: DDPOTrainer creates it only later, so create it first.
+PartialState()
 pipeline = DefaultDDPOStableDiffusionPipeline(spec["model"], use_lora=True)  # TRL's LoRA: r=4, alpha 4, to_q/k/v/out
 trainer = DDPOTrainer(config, jpeg_compressibility, prompt_fn, pipeline)
 
