@@ -20,7 +20,7 @@ attributes each sample of the main thread to the innermost phase on its stack:
 
 The main thread's samples add up to the process's wall time (py-spy samples at `--rate` per second). Output lines
 are time-stamped as they arrive, which gives the start-up time to the first sampling step (the line ddpo prints
-just before it samples the epoch-0 grid). Last, `python -X importtime -c "import ddpo.cli, ddpo.train"` (what
+just before it samples the epoch-0 grid). Last, `python -X importtime -c "import ddpo.cli, ddpo.training.loop"` (what
 `ddpo train` imports before it starts) in a separate process: the slowest imports and what pulls them in.
 """
 
@@ -77,8 +77,8 @@ def attribute(raw: Path, rate: float) -> tuple[float, collections.Counter]:
 
 
 def import_times(env: dict[str, str]) -> list[tuple[float, str, str]]:
-    """(cumulative seconds, module, chain of importers) of the slowest imports of `import ddpo.cli, ddpo.train`."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import ddpo.cli, ddpo.train"], env=env, capture_output=True, text=True)
+    """(cumulative seconds, module, chain of importers) of the slowest imports of `import ddpo.cli, ddpo.training.loop`."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import ddpo.cli, ddpo.training.loop"], env=env, capture_output=True, text=True)
     rows = []
     for line in result.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
@@ -139,7 +139,7 @@ def main() -> None:
         print("\n| phase | seconds | share of the process |\n|---|---|---|")
         for name, value in seconds.most_common():
             print(f"| {name} | {value:.1f} | {100 * value / total:.1f}% |")
-        print("\n| import (`import ddpo.cli, ddpo.train`) | cumulative s | imported by |\n|---|---|---|")
+        print("\n| import (`import ddpo.cli, ddpo.training.loop`) | cumulative s | imported by |\n|---|---|---|")
         for value, name, parent in import_times(env)[:12]:
             print(f"| {name} | {value:.2f} | {parent} |")
         print(f"\nload average after: {peers.load_average()}")
