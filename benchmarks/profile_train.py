@@ -12,10 +12,12 @@ attributes each sample of the main thread to the innermost phase on its stack:
 | --- | --- |
 | imports | module imports outside the phases below (`ddpo train`'s own, before the Trainer exists) |
 | model load + LoRA | `Trainer.__init__` |
-| grid | `Trainer.save_sample_grid`: the fixed-seed grid, epoch 0 and after every epoch |
+| grid | `Recorder.save_sample_grid`: the fixed-seed grid (`log.grid_every`) |
 | epoch: sampling / advantages / update | `Trainer.sample_epoch`, `Trainer.advantages`, `Trainer.update` |
 | checkpoint | `gather_checkpoint_state`, `RunDirectory.write_checkpoint` |
-| report.html, before-after.png | `write_report`, `Trainer.save_before_after` |
+| report.html, before-after.png | `write_report`, `Recorder.save_before_after` |
+| evaluation | `Recorder.evaluate` (`log.eval_every`) |
+| checkpoint wait | `Checkpoints.wait`: the main thread waiting for the background checkpoint writer |
 | tracker | `Accelerator.log`, `Accelerator.end_training` (TensorBoard writes and flushes) |
 
 The main thread's samples add up to the process's wall time (py-spy samples at `--rate` per second). Output lines
@@ -40,13 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (the same work and command line)
 
 PHASES = [  # (name, frame substring): the first one found on a stack, innermost first, names the sample
-    ("grid", "Trainer.save_sample_grid"),
-    ("before-after.png", "Trainer.save_before_after"),
+    ("grid", "Recorder.save_sample_grid"),
+    ("before-after.png", "Recorder.save_before_after"),
     ("report.html", "write_report"),
     ("checkpoint", "gather_checkpoint_state"),
     ("checkpoint", "write_checkpoint"),
     ("tracker", "Accelerator.log "),
     ("tracker", "Accelerator.end_training"),
+    ("evaluation", "Recorder.evaluate"),
+    ("checkpoint wait", "Checkpoints.wait"),
     ("epoch: sampling", "Trainer.sample_epoch"),
     ("epoch: advantages", "Trainer.advantages"),
     ("epoch: update", "Trainer.update"),
@@ -127,7 +131,7 @@ def main() -> None:
             tail.append(line)
             at = time.perf_counter() - started
             if first_sampling is None and line.startswith("ddpo: ") and " samples/epoch" in line:
-                first_sampling = at  # printed by Trainer.describe, right before the epoch-0 grid is sampled
+                first_sampling = at  # printed by Recorder.describe, right before the epoch-0 grid is sampled
             if line.startswith(("ddpo:", "epoch ", "run directory")):
                 print(f"  [{at:6.1f}s] {line.rstrip()[:150]}", flush=True)
         if process.wait() != 0:

@@ -187,7 +187,7 @@ def test_requests_without_a_valid_token_are_refused(store_with_pairs, chromium):
 
 
 def test_the_app_binds_loopback_by_default_and_serves_no_inline_script(store_with_pairs):
-    from ddpo.cli import label_serve
+    from ddpo.cli_people import label_serve
     from ddpo.server.label_app import SECURITY_HEADERS, _static
 
     assert {param.name: param.default for param in label_serve.params}["host"] == "127.0.0.1"  # the command's own default

@@ -322,7 +322,7 @@ def test_the_report_shows_labels_per_epoch_latency_and_the_share_from_people(tmp
 
 
 def test_serve_with_select_rechooses_the_queue_as_labels_come_in(tmp_path):
-    from ddpo.cli import _start_reselection
+    from ddpo.cli_people import _start_reselection
 
     store = LabelStore(tmp_path / "labels.db")
     store.add_labeller("ann")

@@ -99,17 +99,17 @@ def test_resume_continues_bit_for_bit(tiny_pipeline_dir, tmp_path):
 KILL_DURING_CHECKPOINT = textwrap.dedent(
     """
     import sys, time
-    from ddpo.training.loop import Trainer
+    from ddpo.training.checkpoint import Checkpoints
     from ddpo.cli import main
-    original = Trainer._write_checkpoint
+    original = Checkpoints._write
 
-    def slow_write(self, directory, epoch, state):
-        original(self, directory, epoch, state)
+    def slow_write(self, directory, epoch, state, **kwargs):
+        original(self, directory, epoch, state, **kwargs)
         if epoch == 2:  # the second checkpoint is complete in its temporary directory, but not yet renamed
             (directory / "WRITING").touch()
             time.sleep(600)
 
-    Trainer._write_checkpoint = slow_write
+    Checkpoints._write = slow_write
     sys.exit(main(sys.argv[1:]))
     """
 )

@@ -182,7 +182,11 @@ class TrainConfig:
     """Fraction of the denoising steps trained on per sample, in (0, 1]."""
     timestep_chunk: int = 0
     """Timesteps whose log-probs are recomputed in one model call (a batch of batch_size x chunk, twice that
-    with CFG); 0 = all trained timesteps at once. Same loss and gradients for every value; lower it to save memory."""
+    with CFG). Same loss and gradients for every value; bigger is faster and holds more activations. 0 = the most
+    that fit `activation_memory_mb`, measured at the run's first update (`ddpo.training.memory`)."""
+    activation_memory_mb: float = 0.0
+    """With `timestep_chunk = 0`: the memory the update's activations may take, in MiB; 0 = the device's default
+    (CUDA: half the memory free after sampling; CPU: 256 MiB)."""
     cfg: bool = True
     """Apply classifier-free guidance also when recomputing log-probs for the update."""
     per_prompt_stat_tracking: bool = True
@@ -287,7 +291,11 @@ class LogConfig:
     falling while the training reward rises): a registered name or "package.module:function". Empty: the
     Shapes world's judge ("shapes_judge") when prompts.source is a Shapes source, else none; "none": none."""
     grid_prompts: list[str] = field(default_factory=list)
-    """Prompts of the per-epoch sample grid; empty means the source's first few."""
+    """Prompts of the sample grid; empty means the source's first few."""
+    grid_every: int = 0
+    """Epochs between sample grids (RUN_DIR/samples/epoch-NNNN.png), the model before training and the last
+    epoch always included; 0 = the epochs the report's picture strip shows (up to 10, evenly spread), so that a
+    long run samples no grid it would never show."""
 
 
 @dataclass
@@ -594,8 +602,9 @@ def check_fields(config: Config) -> None:
     check(train.adam_weight_decay >= 0, f"train.adam_weight_decay={train.adam_weight_decay:g} must be >= 0")
     check(
         train.timestep_chunk >= 0,
-        f"train.timestep_chunk={train.timestep_chunk} must be >= 0 (0 = all trained timesteps in one model call)",
+        f"train.timestep_chunk={train.timestep_chunk} must be >= 0 (0 = chosen from train.activation_memory_mb)",
     )
+    check(train.activation_memory_mb >= 0, f"train.activation_memory_mb={train.activation_memory_mb:g} must be >= 0 (0 = the device's default)")
     check(
         0 < train.timestep_fraction <= 1,
         f"train.timestep_fraction={train.timestep_fraction:g} must be in (0, 1]",
@@ -628,6 +637,7 @@ def check_fields(config: Config) -> None:
     )
 
     check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
+    check(log.grid_every >= 0, f"log.grid_every={log.grid_every} must be >= 0 (0 = the report's strip epochs)")
     check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
     check(log.num_eval_seeds >= 1, f"log.num_eval_seeds={log.num_eval_seeds} must be at least 1")
     check(log.eval_every >= 0, f"log.eval_every={log.eval_every} must be >= 0 (0 never evaluates)")

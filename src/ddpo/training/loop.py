@@ -33,6 +33,7 @@ from ddpo.training import batches
 from ddpo.training.assemble import derived_batch_sizes, validate
 from ddpo.training.batches import EpochSamples, merge_reward_info
 from ddpo.training.checkpoint import Checkpoints
+from ddpo.training.memory import choose_timestep_chunk
 from ddpo.training.monitor import Monitor
 from ddpo.training.preemption import Preempted, PreemptionWatch
 from ddpo.training.record import Recorder, flat_hyperparameters, trackers_for
@@ -66,6 +67,7 @@ class Trainer:
         self.start_epoch = self.last_epoch = 0  # the last finished epoch
         self.preemption = PreemptionWatch(announce=self.accelerator.print)
         self._partial: dict | None = None  # a preempted epoch to finish (resumed from a partial checkpoint)
+        self._chunk: int | None = None  # timesteps per model call of the update, chosen at the first one
         self._open_run_dir(run_dir, resume)
         self.accelerator.init_trackers(
             config.run_name or "ddpo", config=flat_hyperparameters(config),
@@ -267,7 +269,7 @@ class Trainer:
         self._micro_step, skip = 0, resume["micro_step"] if resume else 0
         # The first optimizer step of an epoch is on-policy: its importance ratios must be 1 (train.on_policy_check).
         self._ratio_error = torch.zeros((), device=device) if config.train.on_policy_check and self.algorithm.uses_importance_ratio and skip == 0 else None
-        chunk = config.train.timestep_chunk or self.sizes.num_train_timesteps
+        chunk = None
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         num_trained = int((~batches.is_anchor(config, samples.indices, world)).sum())  # this process's scored samples come first
         for inner in range(config.train.inner_epochs):
@@ -278,6 +280,7 @@ class Trainer:
                 part = samples.trajectory.select(minibatch)
                 part_steps, anchor_steps = steps[minibatch].to(part.latents.device), steps[anchor_part].to(part.latents.device)
                 anchor = samples.trajectory.select(anchor_part) if len(anchor_part) else None
+                chunk = chunk or self._timestep_chunk(MicroBatch(part, part_steps[:, :1], advantages[minibatch.to(advantages.device)]))
                 for start in range(0, part_steps.shape[1], chunk):
                     batch = MicroBatch(part, part_steps[:, start : start + chunk], advantages[minibatch.to(advantages.device)], anchor, anchor_steps[:, start : start + chunk])
                     self._take_micro_step(epoch, batch, skip, samples, advantages)
@@ -285,6 +288,12 @@ class Trainer:
         means = {name: torch.stack(values).to(device).mean() for name, values in self._totals.items()}
         reduced = {name: float(self.accelerator.reduce(value.to(device), reduction="mean")) for name, value in means.items()}
         return reduced, time.perf_counter() - self._started
+
+    def _timestep_chunk(self, first: MicroBatch) -> int:
+        """Timesteps per model call of the update, chosen once per run (`ddpo.training.memory`)."""
+        if self._chunk is None:
+            self._chunk = self.config.train.timestep_chunk or choose_timestep_chunk(self.accelerator, self.algorithm, self.policy, first, self.sizes.num_train_timesteps, self.config.train.activation_memory_mb)
+        return self._chunk
 
     def _take_micro_step(self, epoch: int, batch: MicroBatch, skip: int, samples: EpochSamples, advantages: torch.Tensor) -> None:
         """Backpropagate one micro-batch's loss; step the optimizer where an accumulation ends.

@@ -32,6 +32,7 @@ class Recorder:
         self.accelerator, self.config, self.sizes, self.run_dir, self.policy = accelerator, config, sizes, run_dir, policy
         self.monitor, self.checkpoints, self.collective_forward = monitor, checkpoints, collective_forward
         self.grid_prompts = list(config.log.grid_prompts) or prompts[:GRID_PROMPTS]
+        self.grid_epochs = grid_epochs(config.train.epochs, config.log.grid_every)
 
     def describe(self, reward_name: str, parameters: list[torch.nn.Parameter]) -> None:
         """One line at start: what trains on what, the batch arithmetic, the trained weights, the run directory."""
@@ -55,7 +56,8 @@ class Recorder:
         save = epoch % self.config.log.save_every == 0 or epoch == self.config.train.epochs or new_best or stop or force_save
         prompt_rewards = self._prompt_rewards(samples)
         state = self.checkpoints.gather() if save else None
-        self.save_sample_grid(epoch)
+        if epoch in self.grid_epochs or stop or force_save:  # a stopped or preempted run's last epoch too
+            self.save_sample_grid(epoch)
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics(record)
             append_jsonl(self.run_dir.prompt_rewards_path, {"epoch": epoch, "prompts": prompt_rewards})
@@ -227,6 +229,15 @@ def trackers_for(config: Config, run_dir: str | Path) -> list:
         if name not in available:
             raise ConfigError(f"log.with: tracker {name!r} is not available here (install its package, e.g. pip install {name})")
     return [TensorBoardTracker("", str(Path(run_dir) / "tb")), *extra]
+
+
+def grid_epochs(epochs: int, every: int) -> frozenset[int]:
+    """The epochs whose sample grid a run of `epochs` epochs saves (`log.grid_every`): every `every`-th, or with 0
+    the report's strip (`ddpo.report.strip_epochs`); 0 and the last always."""
+    from ddpo.report import strip_epochs
+
+    chosen = range(0, epochs + 1, every) if every else strip_epochs(range(epochs + 1))
+    return frozenset({0, epochs, *chosen})
 
 
 def flat_hyperparameters(config: Config) -> dict:

@@ -1,0 +1,79 @@
+"""How many timesteps one model call of the update may batch (`train.timestep_chunk = 0`, the default): the most
+whose activations fit the device's budget.
+
+Every chunk gives the same loss and gradients (each micro-step's loss is scaled by its share of the optimizer
+step); a bigger chunk is faster (fewer, larger model calls: 1.4-1.6x from one timestep per call to all of them on
+this project's CPU runs, docs/performance.md) and holds proportionally more activations for backward. The
+activations of one timestep are measured, not guessed: a forward pass of the first micro-batch at one timestep,
+whose saved-for-backward tensors are counted (frozen weights excluded: they are held anyway) and whose graph is
+then dropped, so nothing of the run changes but the chunk. The budget (`train.activation_memory_mb`; 0 = the
+device's default):
+- CUDA: half of the memory free on the device at that point (after the model, the optimizer and the epoch's
+  samples), so the batched speed is kept where memory allows;
+- CPU: 256 MiB, which keeps a run's peak resident memory at that of a trainer that backpropagates one timestep at
+  a time on this project's small models (benchmarks/peers.py), where several timesteps per call still pay.
+The chunk is the same on every process (the smallest of their choices) and at every resume of a run on the same
+device, so resumed runs repeat the uninterrupted one's arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+CPU_ACTIVATION_BUDGET_MB = 256.0
+CUDA_FREE_FRACTION = 0.5
+
+
+def activation_bytes(algorithm: Any, policy: Any, batch: Any) -> int:
+    """Bytes autograd saves for backward in `algorithm.micro_step(policy, batch)`, the policy's own weights and
+    buffers excluded; the graph is dropped without a backward pass."""
+    model = getattr(policy, "model", None)
+    held = set()
+    if model is not None:
+        held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = algorithm.micro_step(policy, batch)
+    del output
+    return sum(saved.values())
+
+
+def activation_budget_bytes(device: torch.device, budget_mb: float) -> int:
+    """`train.activation_memory_mb` in bytes, or the device's default (see the module docstring)."""
+    if budget_mb > 0:
+        return int(budget_mb * 2**20)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FREE_FRACTION)
+    return int(CPU_ACTIVATION_BUDGET_MB * 2**20)
+
+
+def chunk_for(per_timestep: int, budget: int, num_timesteps: int) -> int:
+    """The most timesteps (1 to `num_timesteps`) whose activations, `per_timestep` bytes each, fit `budget`."""
+    if per_timestep <= 0:
+        return num_timesteps
+    return max(1, min(num_timesteps, budget // per_timestep))
+
+
+def choose_timestep_chunk(accelerator: Any, algorithm: Any, policy: Any, batch: Any, num_timesteps: int, budget_mb: float) -> int:
+    """The update's chunk for a run, announced in one line (*collective* with several processes: each measures its
+    own first micro-batch, all take the smallest chunk). `batch` is that micro-batch at one timestep."""
+    per_timestep = activation_bytes(algorithm, policy, batch)
+    budget = activation_budget_bytes(accelerator.device, budget_mb)
+    chunk = chunk_for(per_timestep, budget, num_timesteps)
+    if accelerator.num_processes > 1:
+        chunk = int(accelerator.gather(torch.tensor([chunk], device=accelerator.device)).min())
+    accelerator.print(
+        f"ddpo: {chunk} of {num_timesteps} timesteps per model call in the update ({per_timestep / 2**20:.3g} MiB of "
+        f"activations each, budget {budget / 2**20:.3g} MiB: train.activation_memory_mb)"
+    )
+    return chunk
