@@ -1,4 +1,4 @@
-"""One epoch of each flow algorithm end to end through the CLI on tiny random SD3, FLUX and UNet-flow pipelines:
+"""One epoch of each flow algorithm (DiffusionNFT, AWM, MixGRPO and GRPO-Guard included) end to end through the CLI on tiny random SD3, FLUX and UNet-flow pipelines:
 the run finishes, its metrics are finite, and the saved LoRA loads into the diffusers pipeline and changes it."""
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ ALGORITHM_OVERRIDES = {
     "flow_grpo": {"train.kl_weight": 0.04, "sample.eval_num_steps": 4},
     "fdfo": {"sample.guidance_scale": 1.0, "train.spo_epsilon": 3e-2, "train.cfg": "false"},
     "ddpo_is": {"train.clip_range": 1e-2},
+    "diffusion_nft": {"sample.guidance_scale": 1.0, "train.cfg": "false"},
+    "awm": {"sample.guidance_scale": 1.0, "train.cfg": "false", "train.clip_range": 1.0},
+    "mix_grpo": {"sample.sde_window": 2, "train.clip_range": 1e-2},
+    "grpo_guard": {"train.clip_range": 1e-2},
 }
-RUNS = [("sd3", "flow_grpo"), ("sd3", "fdfo"), ("flux", "flow_grpo"), ("flux", "fdfo"), ("sd-flow", "fdfo"), ("sd3", "ddpo_is")]
+RUNS = [("sd3", "flow_grpo"), ("sd3", "fdfo"), ("flux", "flow_grpo"), ("flux", "fdfo"), ("sd-flow", "fdfo"), ("sd3", "ddpo_is"),
+        ("sd3", "diffusion_nft"), ("sd3", "awm"), ("flux", "mix_grpo"), ("sd3", "grpo_guard")]
 
 
 @pytest.fixture(scope="session")

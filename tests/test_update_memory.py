@@ -42,10 +42,17 @@ def test_the_chunk_is_the_most_timesteps_that_fit():
     assert chunk_for(per_timestep=30, budget=10**9, num_timesteps=20) == 20  # at most all
 
 
-def test_grids_are_sampled_on_the_report_s_strip_epochs():
-    assert sorted(grid_epochs(80, 0)) == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
-    assert sorted(grid_epochs(4, 0)) == [0, 1, 2, 3, 4]
-    assert sorted(grid_epochs(10, 4)) == [0, 4, 8, 10]
+def test_grids_are_sampled_with_the_evaluation_or_on_their_own_schedule():
+    assert sorted(grid_epochs(80, 0, eval_every=25)) == [0, 25, 50, 75, 80]
+    assert sorted(grid_epochs(4, 0, eval_every=0)) == [0, 4]  # no evaluation: before and after
+    assert sorted(grid_epochs(10, 4, eval_every=25)) == [0, 4, 8, 10]
+
+
+def test_a_run_keeps_the_grids_of_its_schedule_and_its_before_after_picture(tiny_pipeline_dir, tmp_path):
+    result = run_cli(cli_args(tiny_pipeline_dir, tmp_path / "run", **{"train.epochs": 3, "log.grid_every": 2}))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("epoch-*.png")) == ["epoch-0000.png", "epoch-0002.png", "epoch-0003.png"]
+    assert (tmp_path / "run" / "samples" / "before-after.png").is_file()
 
 
 def run_cli(args: list[str]):

@@ -186,7 +186,7 @@ class TrainConfig:
     that fit `activation_memory_mb`, measured at the run's first update (`ddpo.training.memory`)."""
     activation_memory_mb: float = 0.0
     """With `timestep_chunk = 0`: the memory the update's activations may take, in MiB; 0 = the device's default
-    (CUDA: half the memory free after sampling; CPU: 256 MiB)."""
+    (CUDA: half the memory free after sampling; CPU: 96 MiB)."""
     cfg: bool = True
     """Apply classifier-free guidance also when recomputing log-probs for the update."""
     per_prompt_stat_tracking: bool = True
@@ -293,9 +293,9 @@ class LogConfig:
     grid_prompts: list[str] = field(default_factory=list)
     """Prompts of the sample grid; empty means the source's first few."""
     grid_every: int = 0
-    """Epochs between sample grids (RUN_DIR/samples/epoch-NNNN.png), the model before training and the last
-    epoch always included; 0 = the epochs the report's picture strip shows (up to 10, evenly spread), so that a
-    long run samples no grid it would never show."""
+    """Epochs between sample grids (RUN_DIR/samples/epoch-NNNN.png, the report's picture strip); the model
+    before training and the last epoch always have one (samples/before-after.png). 0 = with the periodic
+    evaluation (`eval_every`), so the pictures cost no extra stop; with no evaluation, before and after only."""
 
 
 @dataclass
@@ -637,7 +637,7 @@ def check_fields(config: Config) -> None:
     )
 
     check(log.save_every >= 1, f"log.save_every={log.save_every} must be at least 1")
-    check(log.grid_every >= 0, f"log.grid_every={log.grid_every} must be >= 0 (0 = the report's strip epochs)")
+    check(log.grid_every >= 0, f"log.grid_every={log.grid_every} must be >= 0 (0 = with the evaluation, log.eval_every)")
     check(log.keep_last >= 0, f"log.keep_last={log.keep_last} must be >= 0 (0 keeps every checkpoint)")
     check(log.num_eval_seeds >= 1, f"log.num_eval_seeds={log.num_eval_seeds} must be at least 1")
     check(log.eval_every >= 0, f"log.eval_every={log.eval_every} must be >= 0 (0 never evaluates)")

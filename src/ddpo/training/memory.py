@@ -10,8 +10,11 @@ then dropped, so nothing of the run changes but the chunk. The budget (`train.ac
 device's default):
 - CUDA: half of the memory free on the device at that point (after the model, the optimizer and the epoch's
   samples), so the batched speed is kept where memory allows;
-- CPU: 256 MiB, which keeps a run's peak resident memory at that of a trainer that backpropagates one timestep at
-  a time on this project's small models (benchmarks/peers.py), where several timesteps per call still pay.
+- CPU: 96 MiB. On the peer benchmark's tiny pipeline (35 MiB of activations per timestep) that is 2 timesteps per
+  call, which measured 8.1 s per epoch against 8.0 s for all 20 and 10.6 s for one, at a peak of 676 MiB against
+  1,732 and 610 (benchmarks/peers.py --chunks, docs/performance.md): most of the batched speed at the memory of a
+  trainer that backpropagates one timestep at a time. A preset for a machine with memory to spare raises it (the
+  Shapes default: 1024).
 The chunk is the same on every process (the smallest of their choices) and at every resume of a run on the same
 device, so resumed runs repeat the uninterrupted one's arithmetic.
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-CPU_ACTIVATION_BUDGET_MB = 256.0
+CPU_ACTIVATION_BUDGET_MB = 96.0
 CUDA_FREE_FRACTION = 0.5
 
 

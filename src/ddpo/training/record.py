@@ -32,7 +32,7 @@ class Recorder:
         self.accelerator, self.config, self.sizes, self.run_dir, self.policy = accelerator, config, sizes, run_dir, policy
         self.monitor, self.checkpoints, self.collective_forward = monitor, checkpoints, collective_forward
         self.grid_prompts = list(config.log.grid_prompts) or prompts[:GRID_PROMPTS]
-        self.grid_epochs = grid_epochs(config.train.epochs, config.log.grid_every)
+        self.grid_epochs = grid_epochs(config.train.epochs, config.log.grid_every, config.log.eval_every)
 
     def describe(self, reward_name: str, parameters: list[torch.nn.Parameter]) -> None:
         """One line at start: what trains on what, the batch arithmetic, the trained weights, the run directory."""
@@ -231,13 +231,11 @@ def trackers_for(config: Config, run_dir: str | Path) -> list:
     return [TensorBoardTracker("", str(Path(run_dir) / "tb")), *extra]
 
 
-def grid_epochs(epochs: int, every: int) -> frozenset[int]:
-    """The epochs whose sample grid a run of `epochs` epochs saves (`log.grid_every`): every `every`-th, or with 0
-    the report's strip (`ddpo.report.strip_epochs`); 0 and the last always."""
-    from ddpo.report import strip_epochs
-
-    chosen = range(0, epochs + 1, every) if every else strip_epochs(range(epochs + 1))
-    return frozenset({0, epochs, *chosen})
+def grid_epochs(epochs: int, every: int, eval_every: int = 0) -> frozenset[int]:
+    """The epochs whose sample grid a run of `epochs` epochs saves: every `every`-th (`log.grid_every`), or with 0
+    those of the evaluation (`log.eval_every`; none between with 0); 0 and the last always."""
+    step = every or eval_every
+    return frozenset({0, epochs, *(range(0, epochs + 1, step) if step else ())})
 
 
 def flat_hyperparameters(config: Config) -> dict:
