@@ -15,11 +15,19 @@ KWARGS = {
     "rwr_sparse": dict(percentile=75.0),
     "flow_grpo": dict(clip_range=1e-4, adv_clip_max=5.0),
     "fdfo": dict(epsilon=3e-2),
+    "grpo_guard": dict(clip_range=1e-4, adv_clip_max=5.0),
+    "mix_grpo": dict(clip_range=1e-4, adv_clip_max=5.0),
 }
+# The forward-process algorithms (diffusion_nft, awm) take velocities, not log-probs: tests/test_new_algorithms.py.
+LOG_PROB_ALGORITHMS = sorted(name for name in ALGORITHMS if name in KWARGS)
 ADVANTAGES = torch.tensor([1.5, -0.5, 2.0, -3.0])
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_is_tested_here_or_with_the_forward_process_ones() -> None:
+    assert set(ALGORITHMS) - set(LOG_PROB_ALGORITHMS) == {"diffusion_nft", "awm"}
+
+
+@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
 def test_build_algorithm_gives_a_working_algorithm(name: str) -> None:
     algorithm = build_algorithm(name, **KWARGS[name])
     rewards = torch.tensor([0.1, 0.9, 0.4, 0.6])
