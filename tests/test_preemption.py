@@ -131,8 +131,9 @@ def test_sigterm_mid_epoch_checkpoints_exits_for_requeue_and_resume_auto_ends_eq
     assert not run.partial_checkpoints()  # superseded by epoch 2's whole checkpoint
 
 
-# policy.sample calls: the epoch-0 grid, epoch 1's two batches, the epoch-1 grid, epoch 2's two batches
-@pytest.mark.parametrize(("signal_at_call", "kept_epoch"), [(2, 0), (5, 1)], ids=["epoch 1 (weights before training)", "epoch 2"])
+# policy.sample calls: the epoch-0 grid, epoch 1's two batches, epoch 2's two batches (no grid between: the run
+# has no periodic evaluation, so its grids are before and after training, `log.grid_every`)
+@pytest.mark.parametrize(("signal_at_call", "kept_epoch"), [(2, 0), (4, 1)], ids=["epoch 1 (weights before training)", "epoch 2"])
 def test_sigterm_while_sampling_keeps_the_last_epoch_and_resume_auto_ends_equal(tiny_pipeline_dir, straight_run, tmp_path, monkeypatch, signal_at_call, kept_epoch):
     from ddpo.policy.stable_diffusion import StableDiffusionPolicy
 

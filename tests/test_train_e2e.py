@@ -44,7 +44,8 @@ def test_train_writes_the_run_directory_of_the_design(two_epoch_run):
     assert REQUIRED_METRICS <= set(records[0])
     assert [r["samples"] for r in records] == [8, 16]
     assert all(np.isfinite(r["reward_mean"]) for r in records)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["before-after.png", "epoch-0000.png", "epoch-0001.png", "epoch-0002.png", "grid.json"]
+    # grids before and after training (no periodic evaluation in this run: `log.grid_every` follows it)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["before-after.png", "epoch-0000.png", "epoch-0002.png", "grid.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     assert (run / "checkpoints" / "epoch-0002" / "pytorch_lora_weights.safetensors").is_file()
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(run / "tb") for name in files)

@@ -115,7 +115,7 @@ class SftTrainer:
         self.pairs = read_imagefolder(options.data, options.caption_column, options.image_column)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "init"))
-            self.policy = build_policy(config, sampler="ode")
+            self.policy = build_policy(config)  # the training sampler is unused: SFT samples only its grids (evaluation)
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=options.lr, weight_decay=config.train.adam_weight_decay)
         self.run_dir = RunDirectory.open(run_dir) if resume else RunDirectory.create(run_dir)
         self.created = not resume

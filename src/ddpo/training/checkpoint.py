@@ -49,6 +49,7 @@ class Checkpoints:
         self.accelerator, self.run_dir, self.policy, self.optimizer = accelerator, run_dir, policy, optimizer
         self.algorithm, self.config = algorithm, config
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.timestep_chunk: int | None = None  # the update's chunk chosen from memory (`ddpo.training.memory`), kept for resumes
         self._pending: Future | None = None
 
     def gather(self) -> CheckpointState | None:
@@ -145,6 +146,7 @@ class Checkpoints:
                 "grad_scaler": frozen["grad_scaler"],
                 "config": config_to_dict(self.config),
                 "partial": partial,
+                "timestep_chunk": self.timestep_chunk,
             },
             directory / TRAINER_STATE,
         )
@@ -187,6 +189,7 @@ class Checkpoints:
         trainable = load_file(str(directory / "trainable.safetensors"))
         load_checkpoint_state(self.accelerator, self.policy, self.optimizer, trainable, optimizer_state, layout)
         self.algorithm.load_state_dict(state["algorithm"])
+        self.timestep_chunk = state.get("timestep_chunk")
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         return state["epoch"], partial

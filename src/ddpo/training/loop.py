@@ -33,7 +33,7 @@ from ddpo.training import batches
 from ddpo.training.assemble import derived_batch_sizes, validate
 from ddpo.training.batches import EpochSamples, merge_reward_info
 from ddpo.training.checkpoint import Checkpoints
-from ddpo.training.memory import choose_timestep_chunk
+from ddpo.training.memory import ActivationMeter, choose_timestep_chunk
 from ddpo.training.monitor import Monitor
 from ddpo.training.preemption import Preempted, PreemptionWatch
 from ddpo.training.record import Recorder, flat_hyperparameters, trackers_for
@@ -67,8 +67,9 @@ class Trainer:
         self.start_epoch = self.last_epoch = 0  # the last finished epoch
         self.preemption = PreemptionWatch(announce=self.accelerator.print)
         self._partial: dict | None = None  # a preempted epoch to finish (resumed from a partial checkpoint)
-        self._chunk: int | None = None  # timesteps per model call of the update, chosen at the first one
         self._open_run_dir(run_dir, resume)
+        # Timesteps per model call of the update: the config's, a resumed run's, or measured at the first micro-step.
+        self._chunk: int | None = config.train.timestep_chunk or self.checkpoints.timestep_chunk
         self.accelerator.init_trackers(
             config.run_name or "ddpo", config=flat_hyperparameters(config),
             init_kwargs={"wandb": {"name": self.run_dir.path.name, "dir": str(self.run_dir.path)}},
@@ -178,7 +179,7 @@ class Trainer:
             new_best = self.monitor.due(epoch) and self._agree(self.recorder.evaluate(epoch))
             stop = self._agree(self.monitor.should_stop(epoch))
             preempted = self._any_process(self.preemption.received is not None)
-            self.recorder.record(epoch, samples, train_metrics, train_seconds, new_best=new_best, stop=stop, force_save=preempted)
+            self.record(epoch, samples, train_metrics, train_seconds, background=True, new_best=new_best, stop=stop, force_save=preempted)
             self.last_epoch = epoch
             if preempted and epoch < self.config.train.epochs and not stop:
                 self.checkpoints.wait()
@@ -269,7 +270,6 @@ class Trainer:
         self._micro_step, skip = 0, resume["micro_step"] if resume else 0
         # The first optimizer step of an epoch is on-policy: its importance ratios must be 1 (train.on_policy_check).
         self._ratio_error = torch.zeros((), device=device) if config.train.on_policy_check and self.algorithm.uses_importance_ratio and skip == 0 else None
-        chunk = None
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         num_trained = int((~batches.is_anchor(config, samples.indices, world)).sum())  # this process's scored samples come first
         for inner in range(config.train.inner_epochs):
@@ -280,20 +280,16 @@ class Trainer:
                 part = samples.trajectory.select(minibatch)
                 part_steps, anchor_steps = steps[minibatch].to(part.latents.device), steps[anchor_part].to(part.latents.device)
                 anchor = samples.trajectory.select(anchor_part) if len(anchor_part) else None
-                chunk = chunk or self._timestep_chunk(MicroBatch(part, part_steps[:, :1], advantages[minibatch.to(advantages.device)]))
-                for start in range(0, part_steps.shape[1], chunk):
-                    batch = MicroBatch(part, part_steps[:, start : start + chunk], advantages[minibatch.to(advantages.device)], anchor, anchor_steps[:, start : start + chunk])
+                start = 0
+                while start < part_steps.shape[1]:  # the run's first micro-step: one timestep, measured (training/memory.py)
+                    end = start + (self._chunk or 1)
+                    batch = MicroBatch(part, part_steps[:, start:end], advantages[minibatch.to(advantages.device)], anchor, anchor_steps[:, start:end])
                     self._take_micro_step(epoch, batch, skip, samples, advantages)
+                    start = end
         self.accelerator.sync_gradients = True
         means = {name: torch.stack(values).to(device).mean() for name, values in self._totals.items()}
         reduced = {name: float(self.accelerator.reduce(value.to(device), reduction="mean")) for name, value in means.items()}
         return reduced, time.perf_counter() - self._started
-
-    def _timestep_chunk(self, first: MicroBatch) -> int:
-        """Timesteps per model call of the update, chosen once per run (`ddpo.training.memory`)."""
-        if self._chunk is None:
-            self._chunk = self.config.train.timestep_chunk or choose_timestep_chunk(self.accelerator, self.algorithm, self.policy, first, self.sizes.num_train_timesteps, self.config.train.activation_memory_mb)
-        return self._chunk
 
     def _take_micro_step(self, epoch: int, batch: MicroBatch, skip: int, samples: EpochSamples, advantages: torch.Tensor) -> None:
         """Backpropagate one micro-batch's loss; step the optimizer where an accumulation ends.
@@ -308,7 +304,11 @@ class Trainer:
         sync = self._micro_step % per_step == 0
         self.accelerator.sync_gradients = sync  # DeepSpeed's engine steps at the micro-step accelerate marks
         with nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser):
-            output = self.algorithm.micro_step(self.policy, batch)
+            with ActivationMeter(self.policy.model) if self._chunk is None else nullcontext() as meter:
+                output = self.algorithm.micro_step(self.policy, batch)
+            if self._chunk is None:
+                self._chunk = self.checkpoints.timestep_chunk = choose_timestep_chunk(
+                    self.accelerator, meter.bytes // width, self.sizes.num_train_timesteps, self.config.train.activation_memory_mb)
             if self._ratio_error is not None and output.ratio_error is not None:
                 self._ratio_error = torch.maximum(self._ratio_error, output.ratio_error)
             finite = bool(torch.isfinite(output.loss.detach()))
@@ -341,11 +341,12 @@ class Trainer:
         self.optimizer.step()  # under DeepSpeed, the engine stepped in backward
         self.optimizer.zero_grad(set_to_none=True)
 
-    def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, **when: bool) -> None:
-        """The epoch's record (`ddpo.training.record.Recorder.record`), its checkpoint written when this returns
-        (`run()` lets it finish in the background while the next epoch samples)."""
+    def record(self, epoch: int, samples: EpochSamples, train_metrics: dict[str, float], train_seconds: float, *, background: bool = False, **when: bool) -> None:
+        """The epoch's record (`ddpo.training.record.Recorder.record`), its checkpoint written when this returns, or
+        with `background` (as `run()` does) while the next epoch samples."""
         self.recorder.record(epoch, samples, train_metrics, train_seconds, **when)
-        self.checkpoints.wait()
+        if not background:
+            self.checkpoints.wait()
 
     def save_sample_grid(self, epoch: int) -> None:
         self.recorder.save_sample_grid(epoch)

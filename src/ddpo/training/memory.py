@@ -4,9 +4,9 @@ whose activations fit the device's budget.
 Every chunk gives the same loss and gradients (each micro-step's loss is scaled by its share of the optimizer
 step); a bigger chunk is faster (fewer, larger model calls: 1.4-1.6x from one timestep per call to all of them on
 this project's CPU runs, docs/performance.md) and holds proportionally more activations for backward. The
-activations of one timestep are measured, not guessed: a forward pass of the first micro-batch at one timestep,
-whose saved-for-backward tensors are counted (frozen weights excluded: they are held anyway) and whose graph is
-then dropped, so nothing of the run changes but the chunk. The budget (`train.activation_memory_mb`; 0 = the
+activations of one timestep are measured, not guessed: the run's first micro-step trains one timestep, and the
+tensors autograd saves for its backward are counted (`ActivationMeter`; frozen weights excluded: they are held
+anyway); the rest of the run uses the chunk chosen from it, which checkpoints keep, so a resumed run goes on with it. The budget (`train.activation_memory_mb`; 0 = the
 device's default):
 - CUDA: half of the memory free on the device at that point (after the model, the optimizer and the epoch's
   samples), so the batched speed is kept where memory allows;
@@ -15,8 +15,8 @@ device's default):
   1,732 and 610 (benchmarks/peers.py --chunks, docs/performance.md): most of the batched speed at the memory of a
   trainer that backpropagates one timestep at a time. A preset for a machine with memory to spare raises it (the
   Shapes default: 1024).
-The chunk is the same on every process (the smallest of their choices) and at every resume of a run on the same
-device, so resumed runs repeat the uninterrupted one's arithmetic.
+The chunk is the same on every process (the smallest of their choices) and, read from the checkpoint, at every
+resume, so resumed runs repeat the uninterrupted one's arithmetic.
 """
 
 from __future__ import annotations
@@ -29,25 +29,40 @@ CPU_ACTIVATION_BUDGET_MB = 96.0
 CUDA_FREE_FRACTION = 0.5
 
 
-def activation_bytes(algorithm: Any, policy: Any, batch: Any) -> int:
-    """Bytes autograd saves for backward in `algorithm.micro_step(policy, batch)`, the policy's own weights and
-    buffers excluded; the graph is dropped without a backward pass."""
-    model = getattr(policy, "model", None)
-    held = set()
-    if model is not None:
-        held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
+class ActivationMeter:
+    """While active, counts the bytes autograd saves for backward (each storage once), the model's own weights and
+    buffers excluded: they are held anyway."""
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def __init__(self, model: Any) -> None:
+        self.held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())} if model is not None else set()
+        self.saved: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.saved.values())
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in held:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self.held:
+            self.saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def __enter__(self) -> "ActivationMeter":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def activation_bytes(algorithm: Any, policy: Any, batch: Any) -> int:
+    """Bytes autograd saves for backward in `algorithm.micro_step(policy, batch)` (`ActivationMeter`), measured on a
+    forward pass whose graph is dropped."""
+    with ActivationMeter(getattr(policy, "model", None)) as meter:
         output = algorithm.micro_step(policy, batch)
     del output
-    return sum(saved.values())
+    return meter.bytes
 
 
 def activation_budget_bytes(device: torch.device, budget_mb: float) -> int:
@@ -67,10 +82,9 @@ def chunk_for(per_timestep: int, budget: int, num_timesteps: int) -> int:
     return max(1, min(num_timesteps, budget // per_timestep))
 
 
-def choose_timestep_chunk(accelerator: Any, algorithm: Any, policy: Any, batch: Any, num_timesteps: int, budget_mb: float) -> int:
-    """The update's chunk for a run, announced in one line (*collective* with several processes: each measures its
-    own first micro-batch, all take the smallest chunk). `batch` is that micro-batch at one timestep."""
-    per_timestep = activation_bytes(algorithm, policy, batch)
+def choose_timestep_chunk(accelerator: Any, per_timestep: int, num_timesteps: int, budget_mb: float) -> int:
+    """The update's chunk for a run from the activations of one timestep, announced in one line (*collective* with
+    several processes: all take the smallest of their chunks)."""
     budget = activation_budget_bytes(accelerator.device, budget_mb)
     chunk = chunk_for(per_timestep, budget, num_timesteps)
     if accelerator.num_processes > 1:
