@@ -12,9 +12,17 @@ from ddpo.algorithms import MicroBatch, build_algorithm
 from ddpo.cli import main
 from ddpo.policy import LoraOptions, SamplingOptions, StableDiffusionPolicy
 from ddpo.policy.tiny import build_tiny_pipeline
-from ddpo.training.memory import activation_bytes, chunk_for
+from ddpo.training.memory import ActivationMeter, chunk_for
 from ddpo.training.record import grid_epochs
 from ddpo.training.run_directory import read_jsonl
+
+
+def activation_bytes(algorithm, policy, batch) -> int:
+    """What `ActivationMeter` counts in one micro-step's forward pass (its graph dropped, no backward)."""
+    with ActivationMeter(policy.model) as meter:
+        output = algorithm.micro_step(policy, batch)
+    del output
+    return meter.bytes
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ the loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -137,6 +138,25 @@ class OffPolicyError(ValueError):
     """The first update of an epoch found importance ratios outside the trust region: training would be off-policy."""
 
 
+def add_regularizers(output: LossOutput, regularizers: Sequence[Regularizer], divergence: Any, policy: Any, batch: MicroBatch, prediction: Any) -> LossOutput:
+    """`output` with each regularizer's weighted penalty added to its loss and the penalty in its metrics."""
+    for regularizer in regularizers:
+        penalty = regularizer.penalty(divergence, policy, batch, prediction)
+        if penalty is not None:
+            output.loss = output.loss + regularizer.weight * penalty
+            output.metrics[regularizer.name] = penalty.detach()
+    return output
+
+
+def check_groups(name: str, config: Any) -> None:
+    """The group algorithms compare the samples of one prompt with each other: at least 2 per prompt."""
+    if config.sample.samples_per_prompt < 2:
+        raise ValueError(
+            f"sample.samples_per_prompt={config.sample.samples_per_prompt}: {name} compares the samples of one prompt "
+            "with each other; give each prompt a group of at least 2 (the paper uses 24)"
+        )
+
+
 def check_on_policy(algorithm: Algorithm, epoch: int, ratio_error: float) -> None:
     """Stop before the first optimizer step of an epoch when its ratios pi_theta / pi_old, which must be 1
     (the weights that sampled are the weights that recompute), are off by more than the trust region."""
@@ -254,12 +274,7 @@ class TrajectoryStepAlgorithm:
         output = self.loss(log_prob.reshape(-1), old_log_prob.reshape(-1), batch.advantages.repeat_interleave(columns.shape[1]))
         if self.uses_importance_ratio:
             output.ratio_error = (log_prob.detach().double() - old_log_prob.double()).expm1().abs().max().float()
-        for regularizer in self.regularizers:
-            penalty = regularizer.penalty(self.kl_to_reference, policy, batch, prediction)
-            if penalty is not None:
-                output.loss = output.loss + regularizer.weight * penalty
-                output.metrics[regularizer.name] = penalty.detach()
-        return output
+        return add_regularizers(output, self.regularizers, self.kl_to_reference, policy, batch, prediction)
 
 
 class GaussianStepAlgorithm(TrajectoryStepAlgorithm):

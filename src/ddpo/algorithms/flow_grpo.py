@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ddpo.algorithms.base import GaussianStepAlgorithm, LossOutput
+from ddpo.algorithms.base import GaussianStepAlgorithm, LossOutput, check_groups
 from ddpo.algorithms.ddpo import clipped_surrogate
 from ddpo.core import clip_advantages, group_normalize, normalized_log_ratio
 
@@ -47,11 +47,7 @@ class FlowGRPO(GaussianStepAlgorithm):
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        if config.sample.samples_per_prompt < 2:
-            raise ValueError(
-                f"sample.samples_per_prompt={config.sample.samples_per_prompt}: {cls.name} compares the samples of one prompt "
-                "with each other; give each prompt a group of at least 2 (the paper uses 24)"
-            )
+        check_groups(cls.name, config)
 
     def __init__(self, *, clip_range: float, adv_clip_max: float, global_std: bool = False, ratio_normalization: bool = False) -> None:
         self.clip_range = clip_range

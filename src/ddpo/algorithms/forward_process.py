@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from ddpo.algorithms.base import LossOutput, MicroBatch, Regularizer
+from ddpo.algorithms.base import LossOutput, MicroBatch, Regularizer, TrajectoryStepAlgorithm, add_regularizers, check_groups
 from ddpo.core import clip_advantages, flow_matching_target, group_normalize, noised, velocity_divergence
 from ddpo.core.trajectory import SampleData
 from ddpo.utils import derive_seed
@@ -86,21 +86,14 @@ class ForwardProcessAlgorithm:
 
     @classmethod
     def check_config(cls, config: Any) -> None:
-        if config.sample.samples_per_prompt < 2:
-            raise ValueError(
-                f"sample.samples_per_prompt={config.sample.samples_per_prompt}: {cls.name} compares the samples of one prompt "
-                "with each other; give each prompt a group of at least 2 (the paper uses 24)"
-            )
+        check_groups(cls.name, config)
         if config.train.anchor_kl_weight > 0:
             raise ValueError(
                 f"train.anchor_kl_weight={config.train.anchor_kl_weight:g}: the anchors' KL is taken on the sampler's steps, "
                 f"which {cls.name} does not train on; use train.kl_weight (the KL to the reference model on the forward process)"
             )
 
-    @property
-    def trust_region(self) -> tuple[float, str]:
-        """PPO's clip range (`train.clip_range`) where the algorithm clips its ratio (AWM), else unbounded."""
-        return getattr(self, "clip_range", float("inf")), "train.clip_range"
+    trust_region = TrajectoryStepAlgorithm.trust_region  # PPO's clip range where the algorithm clips (AWM)
 
     def begin_epoch(self, epoch: int, policy: Any) -> None:
         """Keep the policy: `prepare` evaluates the sampling policy's velocity with it."""
@@ -159,13 +152,7 @@ class ForwardProcessAlgorithm:
             old_velocity=trajectory.prepared.old_velocity[rows, columns].float(),
             reference_velocity=policy.velocity(trajectory, noisy, sigma, reference=True) if reference else None,
         )  # fmt: skip
-        output = self.loss(prediction, batch.advantages)
-        for regularizer in self.regularizers:
-            penalty = regularizer.penalty(self.kl_to_reference, policy, batch, prediction)
-            if penalty is not None:
-                output.loss = output.loss + regularizer.weight * penalty
-                output.metrics[regularizer.name] = penalty.detach()
-        return output
+        return add_regularizers(self.loss(prediction, batch.advantages), self.regularizers, self.kl_to_reference, policy, batch, prediction)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -56,15 +56,6 @@ class ActivationMeter:
         self._hooks.__exit__(*exc)
 
 
-def activation_bytes(algorithm: Any, policy: Any, batch: Any) -> int:
-    """Bytes autograd saves for backward in `algorithm.micro_step(policy, batch)` (`ActivationMeter`), measured on a
-    forward pass whose graph is dropped."""
-    with ActivationMeter(getattr(policy, "model", None)) as meter:
-        output = algorithm.micro_step(policy, batch)
-    del output
-    return meter.bytes
-
-
 def activation_budget_bytes(device: torch.device, budget_mb: float) -> int:
     """`train.activation_memory_mb` in bytes, or the device's default (see the module docstring)."""
     if budget_mb > 0:
