@@ -13,7 +13,7 @@ from browser import inspect_page, require_chromium
 from click.testing import CliRunner
 
 from ddpo.cli import main
-from ddpo.compare import mean_interval, queries_to_reach, t_quantile_975
+from ddpo.compare import CompareError, mean_interval, parse_algorithms, plan_comparison, queries_to_reach, t_quantile_975
 from ddpo.training.run_directory import read_jsonl
 
 GRID_PROMPTS = ["a red circle", "a yellow cross"]
@@ -190,3 +190,66 @@ def test_a_directory_trained_with_another_config_is_not_mixed_in(comparison):
     result = CliRunner().invoke(main, compare_args(comparison, extra=("train.lr=1e-2",)))
     assert result.exit_code == 2
     assert "was trained with train.lr = 0.003, this comparison asks for 0.01; give another --out" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ entries with their own config
+
+
+@pytest.fixture(scope="module")
+def own_config_comparison(tmp_path_factory):
+    """ddpo_is on CONFIG beside LABEL=CONFIG2: DDPO-SF at another learning rate and without CFG, one epoch, 2 seeds."""
+    from importlib import resources
+
+    folder = tmp_path_factory.mktemp("own")
+    text = resources.files("ddpo").joinpath("configs", "shapes", "compressibility.toml").read_text()
+    text = text.replace('algorithm = "ddpo_is"', 'algorithm = "ddpo_sf"').replace("lr = 3e-3", "lr = 2e-3").replace("guidance_scale = 3.0", "guidance_scale = 1.0")
+    (folder / "sf.toml").write_text(text)
+    out = folder / "comparison"
+    result = CliRunner().invoke(main, compare_args(out, algorithms=f"ddpo_is,sf_no_cfg={folder / 'sf.toml'}", budget=4), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, folder
+
+
+def test_an_entry_trains_its_own_config_under_its_label(own_config_comparison):
+    out, folder = own_config_comparison
+    config = (out / "runs" / "sf_no_cfg-seed1" / "config.toml").read_text()
+    assert 'algorithm = "ddpo_sf"' in config and "lr = 0.002\n" in config and "guidance_scale = 1.0\n" in config and "seed = 1\n" in config
+    assert "num_steps = 4\n" in config  # the --set overrides apply to every entry
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["algorithms"] == ["ddpo_is", "sf_no_cfg"] and f"sf_no_cfg={folder / 'sf.toml'}" in result["command"]
+    # Without CFG the base model is evaluated differently: one base row per way, each the runs' own first record.
+    assert [group["algorithms"] for group in result["bases"]] == [["ddpo_is"], ["sf_no_cfg"]] and "base" not in result["final"]
+    for group in result["bases"]:
+        first = [read_jsonl(out / "runs" / f"{group['algorithms'][0]}-seed{seed}" / "monitor.jsonl")[0] for seed in (0, 1)]
+        assert group["scores"]["eval_reward"] == pytest.approx(statistics.mean(r["train_reward"] for r in first), abs=1e-6)
+
+
+def test_changes_from_the_base_are_paired_per_seed(own_config_comparison):
+    out, _ = own_config_comparison
+    result = json.loads((out / "comparison.json").read_text())
+    for algorithm in result["algorithms"]:
+        records = [read_jsonl(out / "runs" / f"{algorithm}-seed{seed}" / "monitor.jsonl") for seed in (0, 1)]
+        deltas = [r[-1]["kl"] - r[0]["kl"] for r in records]
+        change = result["final"][algorithm]["change_from_base"]["kl"]
+        assert change["mean"] == pytest.approx(statistics.mean(deltas), abs=1e-6) and change["n"] == 2 and change["mean"] > 0
+    markdown = (out / "comparison.md").read_text()
+    assert "| base model (as ddpo_is) |" in markdown and "| base model (as sf_no_cfg) |" in markdown
+    assert markdown.count("(n=2)") >= 2 * 2 * 5 and "Change from the base model" in markdown
+
+
+def test_an_entry_on_another_task_is_refused(tmp_path):
+    from importlib import resources
+
+    text = resources.files("ddpo").joinpath("configs", "shapes", "compressibility.toml").read_text()
+    (tmp_path / "other.toml").write_text(text.replace('name = "jpeg_compressibility"', 'name = "jpeg_incompressibility"'))
+    out = tmp_path / "comparison"
+    result = CliRunner().invoke(main, compare_args(out, algorithms=f"ddpo_is,other={tmp_path / 'other.toml'}"))
+    assert result.exit_code == 2, result.output
+    assert "sets reward.name = 'jpeg_incompressibility' where shapes/compressibility has 'jpeg_compressibility'" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+    (tmp_path / "fewer.toml").write_text(text.replace("num_batches_per_epoch = 2", "num_batches_per_epoch = 1"))
+    with pytest.raises(CompareError, match=r"fewer=.*fewer.toml draws 16 reward queries per epoch, shapes/compressibility 32"):
+        plan_comparison("shapes/compressibility", parse_algorithms(f"ddpo_is,fewer={tmp_path / 'fewer.toml'}"), 64, 1, out=out)
+    for bad in ("ddpo_is,=x.toml", "ddpo_is,a b=x.toml", "a=x.toml,a=y.toml"):
+        with pytest.raises(CompareError, match="--algorithms"):
+            parse_algorithms(bad)

@@ -291,7 +291,7 @@ def sweep(run_dir: str, cfg_scales: str, rl_scales: str, which: str, seeds: int 
 
 @main.command("compare")
 @click.argument("config_path", metavar="CONFIG")
-@click.option("--algorithms", required=True, metavar="A,B,...", help="Registered algorithms, comma-separated (e.g. ddpo_is,ddpo_sf,rwr,rwr_sparse).")
+@click.option("--algorithms", required=True, metavar="A,B,...", help="Registered algorithms, comma-separated (e.g. ddpo_is,ddpo_sf,rwr,rwr_sparse); LABEL=CONFIG2 trains CONFIG2 (its own algorithm and settings, same task) as LABEL.")
 @click.option("--budget", required=True, type=int, metavar="QUERIES", help="Reward queries per run: a whole number of the config's epochs.")
 @click.option("--seeds", default=3, show_default=True, type=int, metavar="K", help="Runs per algorithm, seeds 0..K-1.")
 @click.option("--out", type=click.Path(file_okay=False), metavar="DIR", help="Comparison directory (default: comparisons/<config name>); rerun the same command to continue it.")

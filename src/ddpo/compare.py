@@ -3,12 +3,18 @@
 Every algorithm trains the same model on the same reward and prompts (CONFIG with the `--set` overrides) for the
 same number of reward queries (the budget divided by the config's samples per epoch gives the epochs), with seeds
 0..K-1, each run in its own run directory DIR/runs/<algorithm>-seed<k>, through the trainer (`ddpo.api.train`).
+An entry LABEL=CONFIG2 of `--algorithms` trains CONFIG2 instead (its own algorithm and settings, e.g. a preset with
+its paper's defaults, the same `--set` overrides) under the name LABEL: it must share CONFIG's model, reward,
+prompts, evaluation set and samples per epoch, so that only the algorithm and its settings differ.
 The trainer's periodic evaluation (`ddpo.monitor`: fixed prompts x fixed seeds, RUN_DIR/monitor.jsonl) scores
 them with the held-out judge that no algorithm trains on (`log.heldout_reward`; the Shapes presets' judge); its
 period `log.eval_every` is shortened to a divisor of the epochs where need be, so that the last epoch is evaluated.
 
-DIR/comparison.json holds the numbers and DIR/comparison.html (self-contained, like report.html) shows them:
+DIR/comparison.json holds the numbers, DIR/comparison.html (self-contained, like report.html) shows them and
+DIR/comparison.md holds the tables in Markdown:
 - reward and held-out score against reward queries: the mean over seeds and its 95% t-interval;
+- the change of each evaluation figure from the base model, paired per seed (last evaluation minus the run's own
+  evaluation before training), with its interval;
 - reward queries to reach 50% and 90% of the reward range, from the untrained policy's reward (the first epoch's
   samples, mean of every run) to the best seed-mean reward any algorithm reached;
 - at the last evaluation, against the base model's: the reward on the evaluation set, the held-out score on
@@ -49,6 +55,11 @@ T_QUANTILE_975 = (
 )  # fmt: skip
 """The 97.5% quantile of Student's t with 1..30 degrees of freedom (Abramowitz & Stegun, Table 26.10)."""
 SET_BY_COMPARISON = ("seed", "run_name", "train.algorithm", "train.epochs")
+SHARED_KEYS = ("model.pretrained", "model.revision", "model.variant", "reward.", "prompts.", "log.heldout_reward", "log.eval_num_prompts",
+               "log.num_eval_seeds", "log.grid_prompts", "sample.height", "sample.width", "sample.num_frames")  # fmt: skip
+"""Config keys (or prefixes) that every entry LABEL=CONFIG2 of a comparison must share with CONFIG: what is compared
+is the algorithm and its settings, on the same task and the same evaluation."""
+LABEL_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 CURVE_KEYS = {
     "eval_reward": "train_reward",
     "heldout_on_trained": "heldout_score_on_trained",
@@ -125,6 +136,8 @@ class Plan:
     base: Config
     configs: dict[tuple[str, int], Config] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    own_configs: dict[str, str] = field(default_factory=dict)
+    """label -> the config an entry LABEL=CONFIG2 trains instead of CONFIG."""
 
     def cells(self) -> list[tuple[str, int]]:
         return [(algorithm, seed) for algorithm in self.algorithms for seed in range(self.seeds)]
@@ -133,23 +146,35 @@ class Plan:
         return self.out / "runs" / f"{algorithm}-seed{seed}"
 
     def command(self) -> str:
-        words = ["ddpo", "compare", self.config, "--algorithms", ",".join(self.algorithms), "--budget", str(self.budget), "--seeds", str(self.seeds), "--out", str(self.out)]
+        entries = [f"{a}={self.own_configs[a]}" if a in self.own_configs else a for a in self.algorithms]
+        words = ["ddpo", "compare", self.config, "--algorithms", ",".join(entries), "--budget", str(self.budget), "--seeds", str(self.seeds), "--out", str(self.out)]
         for override in self.overrides:
             words += ["--set", override]
         return shlex.join(words)
 
 
-def parse_algorithms(text: str) -> list[str]:
-    """"a,b" -> ["a", "b"], each a registered algorithm (`ddpo.algorithms.ALGORITHMS`), duplicates dropped."""
+def parse_algorithms(text: str) -> list[tuple[str, str | None]]:
+    """"a,b,c=shapes/x" -> [("a", None), ("b", None), ("c", "shapes/x")]: registered algorithms
+    (`ddpo.algorithms.ALGORITHMS`) trained with CONFIG, and labels trained with their own config; a plain name
+    given twice counts once."""
     from .algorithms import ALGORITHMS
 
-    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    if not names:
+    entries: dict[str, str | None] = {}
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        label, has_config, own = (word.strip() for word in part.partition("="))
+        if has_config:
+            if not label or not own or not set(label) <= LABEL_CHARACTERS:
+                raise CompareError(f"--algorithms {part!r}: write LABEL=CONFIG, LABEL of letters, digits, '_', '.', '-' (it names the runs' directories)")
+        elif label not in ALGORITHMS:
+            raise CompareError(f"--algorithms: unknown algorithm {label!r} (registered: {', '.join(ALGORITHMS)}; or LABEL=CONFIG)")
+        if entries.get(label, own or None) != (own or None):
+            raise CompareError(f"--algorithms: {label!r} is given twice with different configs")
+        entries[label] = own or None
+    if not entries:
         raise CompareError(f"--algorithms {text!r}: name at least one algorithm, e.g. ddpo_is,rwr")
-    for name in names:
-        if name not in ALGORITHMS:
-            raise CompareError(f"--algorithms: unknown algorithm {name!r} (registered: {', '.join(ALGORITHMS)})")
-    return names
+    return list(entries.items())
 
 
 def default_out(config: str) -> Path:
@@ -159,7 +184,7 @@ def default_out(config: str) -> Path:
     return Path("comparisons") / name
 
 
-def plan_comparison(config: str, algorithms: Sequence[str], budget: int, seeds: int, overrides: Sequence[str] = (), out: str | Path | None = None) -> Plan:
+def plan_comparison(config: str, algorithms: Sequence[str | tuple[str, str | None]], budget: int, seeds: int, overrides: Sequence[str] = (), out: str | Path | None = None) -> Plan:
     """Check everything that can be checked before training: the config, the budget, each algorithm's config and,
     by building each sampler's policy once, the model.
 
@@ -188,20 +213,38 @@ def plan_comparison(config: str, algorithms: Sequence[str], budget: int, seeds: 
             f"(sample.batch_size {base.sample.batch_size} x sample.num_batches_per_epoch {base.sample.num_batches_per_epoch}); use {choices}"
         )
     epochs = budget // per_epoch
-    plan = Plan(config, list(overrides), list(algorithms), seeds, budget, per_epoch, epochs, base.log.eval_every, Path(out) if out else default_out(config), base)
+    entries = [(entry, None) if isinstance(entry, str) else entry for entry in algorithms]
+    plan = Plan(config, list(overrides), [label for label, _ in entries], seeds, budget, per_epoch, epochs, base.log.eval_every, Path(out) if out else default_out(config), base)
+    plan.own_configs = {label: own for label, own in entries if own}
     if plan.eval_every == 0:
         plan.notes.append("log.eval_every = 0: no periodic evaluation, so no held-out score, KL or diversity (set log.eval_every).")
     elif epochs % plan.eval_every:
         plan.eval_every = max(d for d in range(1, plan.eval_every + 1) if epochs % d == 0)
         plan.notes.append(f"log.eval_every {base.log.eval_every} -> {plan.eval_every}, so that the last of the {epochs} epochs is evaluated.")
     for algorithm, seed in plan.cells():
-        fixed = [f"train.algorithm={algorithm}", f"train.epochs={epochs}", f"log.eval_every={plan.eval_every}", f"seed={seed}", f'run_name="{algorithm}-seed{seed}"']
+        own = plan.own_configs.get(algorithm)
+        fixed = [f"train.epochs={epochs}", f"log.eval_every={plan.eval_every}", f"seed={seed}", f'run_name="{algorithm}-seed{seed}"']
         try:
-            plan.configs[(algorithm, seed)] = load_config(config, [*overrides, *fixed])
+            plan.configs[(algorithm, seed)] = load_config(own, [*overrides, *fixed]) if own else load_config(config, [*overrides, f"train.algorithm={algorithm}", *fixed])
         except ConfigError as error:
-            raise CompareError(f"{algorithm} cannot run this config: {error}") from error
-    _check_models(plan, {ALGORITHMS[a].sampler: a for a in reversed(plan.algorithms)})
+            raise CompareError(f"{algorithm} cannot run {'its config ' + own if own else 'this config'}: {error}") from error
+        if own and seed == 0:
+            _check_shared(plan, algorithm, own)
+    _check_models(plan, {ALGORITHMS[plan.configs[(a, 0)].train.algorithm].sampler: a for a in reversed(plan.algorithms)})
     return plan
+
+
+def _check_shared(plan: Plan, label: str, own: str) -> None:
+    """An entry LABEL=CONFIG2 compares an algorithm on CONFIG's task: the same model, reward, prompts, evaluation and
+    reward queries per epoch."""
+    config = plan.configs[(label, 0)]
+    per_epoch = derived_batch_sizes(config, num_processes=1).samples_per_epoch
+    if per_epoch != plan.samples_per_epoch:
+        raise CompareError(f"{label}={own} draws {per_epoch} reward queries per epoch, {plan.config} {plan.samples_per_epoch}: entries must draw the same (sample.batch_size x sample.num_batches_per_epoch)")
+    mine, theirs = flatten_config(config_to_dict(config)), flatten_config(config_to_dict(plan.base))
+    for key in sorted(set(mine) | set(theirs)):
+        if key.startswith(SHARED_KEYS) and mine.get(key) != theirs.get(key):
+            raise CompareError(f"{label}={own} sets {key} = {mine.get(key)!r} where {plan.config} has {theirs.get(key)!r}: entries of a comparison share the model, reward, prompts and evaluation")
 
 
 def _check_models(plan: Plan, algorithm_of_sampler: dict[str, str]) -> None:
@@ -261,6 +304,7 @@ def run_comparison(plan: Plan, *, progress: bool = False, log: Callable[[str], N
     result["timing"]["this_invocation_seconds"] = round(time.perf_counter() - started, 1)
     plan.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan.out / "comparison.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(plan.out / "comparison.md", build_markdown(result))
     page = plan.out / "comparison.html"
     write_text_atomic(page, build_page(result, plan))
     return page
@@ -309,6 +353,13 @@ def collect(plan: Plan) -> dict:
             values = [last[s].get(key) for s in seeds]
             if all(_number(v) for v in values):
                 final[algorithm][name] = mean_interval(values)
+        first = {s: next((r for r in monitor[(algorithm, s)] if r["epoch"] == 0), {}) for s in seeds}
+        changes = {}
+        for name, key in CURVE_KEYS.items():
+            pairs = [(first[s].get(key), last[s].get(key)) for s in seeds]
+            if all(_number(a) and _number(b) for a, b in pairs):
+                changes[name] = mean_interval([b - a for a, b in pairs])
+        final[algorithm]["change_from_base"] = changes
         per_query = [sum(r["sample_seconds"] + r["train_seconds"] for r in metrics[(algorithm, s)]) / plan.budget for s in seeds]
         timing[algorithm] = {"seconds_per_query": mean_interval(per_query), "seconds_all_seeds": round(sum(per_query) * plan.budget, 1)}
     notes = list(plan.notes)
@@ -316,10 +367,11 @@ def collect(plan: Plan) -> dict:
         notes.append("No unseen prompts: this config's evaluation holds only prompts it trains on (set prompts.heldout_file).")
     if plan.eval_every and not base.model.use_lora:
         notes.append("KL to the base model not measured: it compares the policy with its LoRA disabled (model.use_lora=false).")
-    first_records = [next((r for r in records if r["epoch"] == 0), None) for records in monitor.values()]
-    baseline = [r for r in first_records if r is not None]
-    if baseline:
-        final["base"] = {name: _round(sum(r[key] for r in baseline) / len(baseline)) for name, key in CURVE_KEYS.items() if all(_number(r.get(key)) for r in baseline)}
+    bases = _bases(plan, monitor)
+    if len(bases) == 1:
+        final["base"] = bases[0]["scores"]
+    elif bases:
+        notes.append("The entries evaluate the base model differently (their own sampling settings, e.g. the CFG scale): each row 'base model (...)' is the base as those entries evaluate it.")
     return {
         "command": plan.command(),
         "config": plan.config,
@@ -337,9 +389,27 @@ def collect(plan: Plan) -> dict:
         "notes": notes,
         "curves": curves,
         "final": final,
+        "bases": bases,
         "queries_to_fraction": _queries_to_fraction(plan, metrics, curves),
         "timing": timing,
     }
+
+
+def _bases(plan: Plan, monitor: dict) -> list[dict]:
+    """The base model's evaluation (each run's record before training), averaged over the runs that evaluate it
+    alike: one group when every entry samples the evaluation the same way, one per distinct result otherwise."""
+    groups: list[dict] = []
+    for algorithm in plan.algorithms:
+        records = [r for s in range(plan.seeds) for r in monitor[(algorithm, s)] if r["epoch"] == 0]
+        if not records:
+            continue
+        scores = {name: _round(sum(r[key] for r in records) / len(records)) for name, key in CURVE_KEYS.items() if all(_number(r.get(key)) for r in records)}
+        same = next((g for g in groups if g["scores"] == scores), None)
+        if same:
+            same["algorithms"].append(algorithm)
+        else:
+            groups.append({"algorithms": [algorithm], "scores": scores})
+    return groups
 
 
 def _queries_to_fraction(plan: Plan, metrics: dict, curves: dict) -> dict:
@@ -413,8 +483,8 @@ def _tables(result: dict) -> str:
     shown = columns if result["eval_every"] else []  # n/a where a run did not measure it (the notes say why)
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in shown)
     rows = []
-    if "base" in final:
-        rows.append("<tr><td>base model</td>" + "".join(_cell(final["base"].get(key)) for key, _ in shown) + "<td>n/a</td></tr>")
+    for label, scores in _base_rows(result):
+        rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(_cell(scores.get(key)) for key, _ in shown) + "<td>n/a</td></tr>")
     for algorithm in result["algorithms"]:
         rows.append(f"<tr><td>{html.escape(algorithm)}</td>" + "".join(_cell(final[algorithm].get(key)) for key, _ in shown) + _cell(final[algorithm]["reward_last_epoch"]) + "</tr>")
     last = f'<table class="numbers"><caption>At the last epoch ({result["epochs"]}): mean over {result["seeds"]} seeds [95% t-interval]</caption><tr><th>algorithm</th>{head}<th>reward, last epoch\'s samples</th></tr>{"".join(rows)}</table>'
@@ -428,6 +498,50 @@ def _tables(result: dict) -> str:
     note = reach.get("note") or (f'range: from the untrained policy\'s reward {reach["start"]:.4g} to the best seed-mean reward {reach["best"]:.4g} ({html.escape(reach["best_algorithm"])})')
     speed = f'<table class="numbers"><caption>Reward queries to reach a fraction of the reward range ({html.escape(note)}); wall time</caption><tr><th>algorithm</th>{head}<th>seconds per query (sampling + training)</th></tr>{"".join(rows)}</table>'
     return last + speed
+
+
+def _base_rows(result: dict) -> list[tuple[str, dict]]:
+    """("base model", scores) or, where the entries evaluate it differently, one ("base model (as A, B)", scores)
+    per way."""
+    bases = result.get("bases", [])
+    if len(bases) == 1:
+        return [("base model", bases[0]["scores"])]
+    return [(f"base model (as {', '.join(b['algorithms'])})", b["scores"]) for b in bases]
+
+
+def _markdown_interval(interval: dict | None, digits: str, signed: bool = False) -> str:
+    if not interval or interval.get("mean") is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    if interval["low"] is None:
+        return f"{interval['mean']:{sign}{digits}} (n={interval['n']})"
+    return f"{interval['mean']:{sign}{digits}} [{interval['low']:{sign}{digits}}, {interval['high']:{sign}{digits}}] (n={interval['n']})"
+
+
+def build_markdown(result: dict) -> str:
+    """comparison.md: the page's tables in Markdown (for docs), each figure with its interval and seed count."""
+    final, reach, timing = result["final"], result["queries_to_fraction"], result["timing"]
+    names = [(k, t) for k, t in (("eval_reward", "reward, eval set"), ("heldout_on_trained", "held-out, trained prompts"), ("heldout_on_unseen", "held-out, unseen prompts"),
+                                 ("diversity", "diversity"), ("kl", "KL to base")) if any(k in final[a] for a in result["algorithms"])]  # fmt: skip
+    lines = [f"`{result['command']}`", "", f"{result['budget']} reward queries ({result["epochs"]} epoch(s) of {result["samples_per_epoch"]}), seeds 0..{result['seeds'] - 1}, "
+             f"model {result['model']}, reward {result['reward']}, held-out judge {result['heldout_reward'] or 'none'}.", ""]  # fmt: skip
+    lines += ["| algorithm | " + " | ".join(t for _, t in names) + " | reward, last epoch's samples |", "|---" * (len(names) + 2) + "|"]
+    for label, scores in _base_rows(result):
+        lines.append(f"| {label} | " + " | ".join(f"{scores[k]:.4g}" if k in scores else "n/a" for k, _ in names) + " | |")
+    for algorithm in result["algorithms"]:
+        lines.append(f"| {algorithm} | " + " | ".join(_markdown_interval(final[algorithm].get(k), ".4g") for k, _ in names) + f" | {_markdown_interval(final[algorithm]['reward_last_epoch'], '.4g')} |")
+    lines += ["", "Change from the base model at the last evaluation, paired per seed:", "", "| algorithm | " + " | ".join(t for _, t in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for algorithm in result["algorithms"]:
+        changes = final[algorithm].get("change_from_base", {})
+        lines.append(f"| {algorithm} | " + " | ".join(_markdown_interval(changes.get(k), ".4f", signed=True) for k, _ in names) + " |")
+    fractions = reach["fractions"]
+    lines += ["", "| algorithm | " + " | ".join(f"queries to {f:.0%} of the reward range" for f in fractions) + " | s per query |", "|---" * (len(fractions) + 2) + "|"]
+    for algorithm in result["algorithms"]:
+        cells = " | ".join(str(reach["queries"][algorithm][str(f)]) if reach["queries"][algorithm][str(f)] is not None else "not reached" for f in fractions)
+        lines.append(f"| {algorithm} | {cells} | {_markdown_interval(timing[algorithm]['seconds_per_query'], '.3g')} |")
+    lines += ["", reach.get("note") or f"Reward range: from {reach['start']:.6g} (the untrained policy's samples) to {reach['best']:.6g} ({reach['best_algorithm']}'s best seed mean)."]
+    lines += [f"Note: {note}" for note in result["notes"]]
+    return "\n".join(lines) + "\n"
 
 
 def _strips(result: dict, plan: Plan) -> str:
