@@ -523,7 +523,7 @@ def build_markdown(result: dict) -> str:
     final, reach, timing = result["final"], result["queries_to_fraction"], result["timing"]
     names = [(k, t) for k, t in (("eval_reward", "reward, eval set"), ("heldout_on_trained", "held-out, trained prompts"), ("heldout_on_unseen", "held-out, unseen prompts"),
                                  ("diversity", "diversity"), ("kl", "KL to base")) if any(k in final[a] for a in result["algorithms"])]  # fmt: skip
-    lines = [f"`{result['command']}`", "", f"{result['budget']} reward queries ({result["epochs"]} epoch(s) of {result["samples_per_epoch"]}), seeds 0..{result['seeds'] - 1}, "
+    lines = [f"`{result['command']}`", "", f"{result['budget']} reward queries ({result['epochs']} epoch(s) of {result['samples_per_epoch']}), seeds 0..{result['seeds'] - 1}, "
              f"model {result['model']}, reward {result['reward']}, held-out judge {result['heldout_reward'] or 'none'}.", ""]  # fmt: skip
     lines += ["| algorithm | " + " | ".join(t for _, t in names) + " | reward, last epoch's samples |", "|---" * (len(names) + 2) + "|"]
     for label, scores in _base_rows(result):
