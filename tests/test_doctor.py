@@ -56,6 +56,17 @@ def test_doctor_passes_on_the_shipped_shapes_model_and_prints_a_forecast():
     assert result.output.strip().endswith("doctor: all checks passed")
 
 
+def test_cpu_bf16_autocast_is_on_policy_and_its_drift_from_fp32_is_measured():
+    """model.mixed_precision=bf16 on a CPU: sampling and the update both run under bf16 autocast (the weights stay
+    fp32), so the first update's ratios are exactly 1; the precision check measures how far bf16 moves the log-probs
+    from fp32's instead of skipping."""
+    result = doctor([*SHAPES_SMALL, "--set", "model.mixed_precision=bf16", "--json"])
+    checks = {c["name"]: c for c in json.loads(result.output)["checks"]}
+    assert checks["on_policy"]["status"] == "pass" and checks["on_policy"]["values"]["max_abs_ratio_minus_1"] == 0
+    drift = checks["precision"]["values"]["log_prob_max_abs_difference"]
+    assert checks["precision"]["status"] != "skip" and 1e-4 < drift < 1.0  # bf16 really ran, and sanely
+
+
 def test_doctor_fails_on_a_recomputation_in_another_precision_naming_check_and_key(tiny_pipeline_dir, bf16_recomputation):
     result = doctor([*tiny_doctor_args(tiny_pipeline_dir), "--json"])
     assert result.exit_code == 1, result.output
