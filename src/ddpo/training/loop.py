@@ -38,7 +38,7 @@ from ddpo.training.monitor import Monitor
 from ddpo.training.preemption import Preempted, PreemptionWatch
 from ddpo.training.record import Recorder, flat_hyperparameters, trackers_for
 from ddpo.training.run_directory import RunDirectory, epoch_name, read_jsonl
-from ddpo.training.sharding import any_process, build_accelerator, check_and_configure, is_fsdp, main_process_decision
+from ddpo.training.sharding import any_process, build_accelerator, check_and_configure, end_training, is_fsdp, main_process_decision
 from ddpo.utils import derive_seed, generators_for
 
 
@@ -141,9 +141,11 @@ class Trainer:
             self.recorder.save_sample_grid(0)
             if self.monitor.due(0):
                 self._agree(self.recorder.evaluate(0))  # the baseline: the model before training
+        finished = False
         try:
             with self.preemption:
                 self._run_epochs()
+            finished = True
         except BaseException:
             # A run that fails before its first checkpoint can be neither resumed nor re-run into the same
             # directory: remove what this invocation created, so nothing half-written stays behind.
@@ -153,7 +155,7 @@ class Trainer:
         finally:
             self._executor.shutdown(wait=True)
             self.checkpoints.close()  # the checkpoint written in the background, joined (its error raised)
-            self.accelerator.end_training()
+            end_training(self.accelerator, settle=finished)  # every process finished: a barrier cannot hang
         if self.accelerator.is_main_process:
             self.recorder.save_before_after(self.last_epoch)
             self.recorder.write_report()

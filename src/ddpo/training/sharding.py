@@ -16,6 +16,7 @@ state, one entry per process, resumable with as many processes under DeepSpeed).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,22 @@ def build_accelerator(**kwargs) -> Accelerator:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
         return Accelerator(**kwargs)
     return Accelerator(cpu=True, **kwargs)
+
+
+def end_training(accelerator: Accelerator, *, settle: bool = True) -> None:
+    """`accelerator.end_training()` (trackers closed, process group destroyed) after the collectives have settled.
+
+    gloo's worker threads free each finished collective, and a collective whose tensors Python owns needs the GIL to
+    be freed; the DDP wrapper's reducer, freed with the trainer after the process group was destroyed, joins those
+    threads while holding the GIL. A worker not yet done freeing then waits for the GIL forever and the process
+    never exits (seen on a loaded 2-core machine: the requeued launch of a preempted 2-process run hung at its end).
+    A last barrier, issued when nothing else is outstanding so that freeing it needs no GIL, and a pause without the
+    GIL let every worker finish first. `settle=False` where some process may have stopped early (an error on one
+    process): a barrier would wait for it forever."""
+    if settle and accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        time.sleep(0.5)
+    accelerator.end_training()
 
 
 def is_fsdp(accelerator: Accelerator) -> bool:
