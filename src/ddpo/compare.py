@@ -413,19 +413,28 @@ def _bases(plan: Plan, monitor: dict) -> list[dict]:
 
 
 def _queries_to_fraction(plan: Plan, metrics: dict, curves: dict) -> dict:
-    """Reward queries each algorithm's seed-mean reward needs to reach `FRACTIONS` of the reward range."""
+    """Reward queries each algorithm's seed-mean reward needs to reach `FRACTIONS` of the reward range: from the
+    untrained policy's reward (the mean first epoch of every run) to the best seed mean of any algorithm. Where the
+    entries sample differently (LABEL=CONFIG2 with another CFG scale or SDE window), their untrained rewards differ
+    and each algorithm's range starts at its own (`start_by_algorithm`)."""
     start = sum(records[0]["reward_mean"] for records in metrics.values()) / len(metrics)
+    starts = {a: sum(metrics[(a, s)][0]["reward_mean"] for s in range(plan.seeds)) / plan.seeds for a in plan.algorithms}
+    own_starts = max(starts.values()) - min(starts.values()) > 1e-9
     best_algorithm = max(plan.algorithms, key=lambda a: max(curves[a]["reward"]["mean"]))
     best = max(curves[best_algorithm]["reward"]["mean"])
     result: dict = {"fractions": list(FRACTIONS), "start": _round(start), "best": _round(best), "best_algorithm": best_algorithm, "targets": {}, "queries": {}}
-    if best <= start:
+    if own_starts:
+        result["start_by_algorithm"] = {a: _round(v) for a, v in starts.items()}
+        result["note"] = "each algorithm's range starts at its own untrained policy's reward (the entries sample differently)"
+    if best <= (min(starts.values()) if own_starts else start):
         result["note"] = "no algorithm's seed-mean reward rose above the untrained policy's"
         result["queries"] = {a: {str(f): None for f in FRACTIONS} for a in plan.algorithms}
         return result
-    result["targets"] = {str(f): _round(start + f * (best - start)) for f in FRACTIONS}
+    if not own_starts:
+        result["targets"] = {str(f): _round(start + f * (best - start)) for f in FRACTIONS}
     for algorithm in plan.algorithms:
-        curve = curves[algorithm]["reward"]
-        result["queries"][algorithm] = {str(f): queries_to_reach(curve["queries"], curve["mean"], start + f * (best - start)) for f in FRACTIONS}
+        curve, origin = curves[algorithm]["reward"], starts[algorithm] if own_starts else start
+        result["queries"][algorithm] = {str(f): queries_to_reach(curve["queries"], curve["mean"], origin + f * (best - origin)) if best > origin else None for f in FRACTIONS}
     return result
 
 
@@ -495,7 +504,9 @@ def _tables(result: dict) -> str:
         cells = "".join(f"<td>{q if q is not None else 'not reached'}</td>" for q in (reach["queries"][algorithm][str(f)] for f in fractions))
         per_query = timing[algorithm]["seconds_per_query"]
         rows.append(f"<tr><td>{html.escape(algorithm)}</td>{cells}{_cell(per_query, '.3g')}</tr>")
-    note = reach.get("note") or (f'range: from the untrained policy\'s reward {reach["start"]:.4g} to the best seed-mean reward {reach["best"]:.4g} ({html.escape(reach["best_algorithm"])})')
+    origin = "each algorithm's own untrained reward" if "start_by_algorithm" in reach else f"the untrained policy's reward {reach['start']:.4g}"
+    note = reach.get("note") if not reach.get("targets") and "start_by_algorithm" not in reach else None
+    note = note or f"range: from {origin} to the best seed-mean reward {reach['best']:.4g} ({html.escape(reach['best_algorithm'])})"
     speed = f'<table class="numbers"><caption>Reward queries to reach a fraction of the reward range ({html.escape(note)}); wall time</caption><tr><th>algorithm</th>{head}<th>seconds per query (sampling + training)</th></tr>{"".join(rows)}</table>'
     return last + speed
 
@@ -539,7 +550,11 @@ def build_markdown(result: dict) -> str:
     for algorithm in result["algorithms"]:
         cells = " | ".join(str(reach["queries"][algorithm][str(f)]) if reach["queries"][algorithm][str(f)] is not None else "not reached" for f in fractions)
         lines.append(f"| {algorithm} | {cells} | {_markdown_interval(timing[algorithm]['seconds_per_query'], '.3g')} |")
-    lines += ["", reach.get("note") or f"Reward range: from {reach['start']:.6g} (the untrained policy's samples) to {reach['best']:.6g} ({reach['best_algorithm']}'s best seed mean)."]
+    if "start_by_algorithm" in reach:
+        starts = ", ".join(f"{a} {v:.4g}" for a, v in reach["start_by_algorithm"].items())
+        lines += ["", f"Reward range: from each algorithm's untrained policy's samples ({starts}; the entries sample differently) to {reach['best']:.6g} ({reach['best_algorithm']}'s best seed mean)."]
+    else:
+        lines += ["", reach.get("note") or f"Reward range: from {reach['start']:.6g} (the untrained policy's samples) to {reach['best']:.6g} ({reach['best_algorithm']}'s best seed mean)."]
     lines += [f"Note: {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
