@@ -222,6 +222,12 @@ def test_an_entry_trains_its_own_config_under_its_label(own_config_comparison):
     for group in result["bases"]:
         first = [read_jsonl(out / "runs" / f"{group['algorithms'][0]}-seed{seed}" / "monitor.jsonl")[0] for seed in (0, 1)]
         assert group["scores"]["eval_reward"] == pytest.approx(statistics.mean(r["train_reward"] for r in first), abs=1e-6)
+    # Sampled differently, the entries start from different rewards: each one's range starts at its own.
+    starts = result["queries_to_fraction"]["start_by_algorithm"]
+    for algorithm in ("ddpo_is", "sf_no_cfg"):
+        first = [read_jsonl(out / "runs" / f"{algorithm}-seed{seed}" / "metrics.jsonl")[0]["reward_mean"] for seed in (0, 1)]
+        assert starts[algorithm] == pytest.approx(statistics.mean(first), abs=1e-6)
+    assert starts["ddpo_is"] != pytest.approx(starts["sf_no_cfg"], abs=1e-6)
 
 
 def test_changes_from_the_base_are_paired_per_seed(own_config_comparison):
