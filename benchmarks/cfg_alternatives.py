@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ddpo.compare import mean_interval
+from ddpo.compare import markdown_interval, mean_interval
 from ddpo.sweep import parse_scales, run_sweep
 from ddpo.utils import quiet_libraries
 
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for label in labels:
         summary[label] = {k: mean_interval([row[k] for row in trained[label]]) for k, _ in shown}
-        cells = []
-        for k, _ in shown:
-            i = summary[label][k]
-            cells.append(f"{i['mean']:.4g} [{i['low']:.4g}, {i['high']:.4g}] (n={i['n']})" if i["low"] is not None else f"{i['mean']:.4g} (n={i['n']})")
+        cells = [markdown_interval(summary[label][k], ".4g") for k, _ in shown]
         lines.append(f"| {label}, {result['budget']} queries | CFG 1 | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)

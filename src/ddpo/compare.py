@@ -68,6 +68,9 @@ CURVE_KEYS = {
     "diversity": "diversity",
 }
 """Curves read from the runs' monitor.jsonl records: comparison name -> monitor key (`ddpo.monitor`)."""
+FINAL_COLUMNS = (("eval_reward", "reward, eval set"), ("heldout_on_trained", "held-out, trained prompts"), ("heldout_on_unseen", "held-out, unseen prompts"),
+                 ("diversity", "diversity"), ("kl", "KL to base"))  # fmt: skip
+"""The last evaluation's columns of the page's and the Markdown's first table: name in `final` -> heading."""
 
 
 class CompareError(ValueError):
@@ -425,7 +428,6 @@ def _queries_to_fraction(plan: Plan, metrics: dict, curves: dict) -> dict:
     result: dict = {"fractions": list(FRACTIONS), "start": _round(start), "best": _round(best), "best_algorithm": best_algorithm, "targets": {}, "queries": {}}
     if own_starts:
         result["start_by_algorithm"] = {a: _round(v) for a, v in starts.items()}
-        result["note"] = "each algorithm's range starts at its own untrained policy's reward (the entries sample differently)"
     if best <= (min(starts.values()) if own_starts else start):
         result["note"] = "no algorithm's seed-mean reward rose above the untrained policy's"
         result["queries"] = {a: {str(f): None for f in FRACTIONS} for a in plan.algorithms}
@@ -487,9 +489,7 @@ def _charts(result: dict) -> str:
 
 def _tables(result: dict) -> str:
     final, reach, timing = result["final"], result["queries_to_fraction"], result["timing"]
-    columns = [("eval_reward", "reward, eval set"), ("heldout_on_trained", "held-out, trained prompts"), ("heldout_on_unseen", "held-out, unseen prompts"),
-               ("diversity", "diversity"), ("kl", "KL to base")]  # fmt: skip
-    shown = columns if result["eval_every"] else []  # n/a where a run did not measure it (the notes say why)
+    shown = FINAL_COLUMNS if result["eval_every"] else ()  # n/a where a run did not measure it (the notes say why)
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in shown)
     rows = []
     for label, scores in _base_rows(result):
@@ -504,11 +504,21 @@ def _tables(result: dict) -> str:
         cells = "".join(f"<td>{q if q is not None else 'not reached'}</td>" for q in (reach["queries"][algorithm][str(f)] for f in fractions))
         per_query = timing[algorithm]["seconds_per_query"]
         rows.append(f"<tr><td>{html.escape(algorithm)}</td>{cells}{_cell(per_query, '.3g')}</tr>")
-    origin = "each algorithm's own untrained reward" if "start_by_algorithm" in reach else f"the untrained policy's reward {reach['start']:.4g}"
-    note = reach.get("note") if not reach.get("targets") and "start_by_algorithm" not in reach else None
-    note = note or f"range: from {origin} to the best seed-mean reward {reach['best']:.4g} ({html.escape(reach['best_algorithm'])})"
+    note = _range_sentence(reach)
     speed = f'<table class="numbers"><caption>Reward queries to reach a fraction of the reward range ({html.escape(note)}); wall time</caption><tr><th>algorithm</th>{head}<th>seconds per query (sampling + training)</th></tr>{"".join(rows)}</table>'
     return last + speed
+
+
+def _range_sentence(reach: dict) -> str:
+    """What the queries-to-fraction table measures from and to (`_queries_to_fraction`'s result), or its note."""
+    if reach.get("note"):
+        return reach["note"]
+    if "start_by_algorithm" in reach:
+        starts = ", ".join(f"{a} {v:.4g}" for a, v in reach["start_by_algorithm"].items())
+        origin = f"each algorithm's untrained policy's samples ({starts}; the entries sample differently)"
+    else:
+        origin = f"{reach['start']:.6g} (the untrained policy's samples)"
+    return f"Reward range: from {origin} to {reach['best']:.6g} ({reach['best_algorithm']}'s best seed mean)."
 
 
 def _base_rows(result: dict) -> list[tuple[str, dict]]:
@@ -520,7 +530,8 @@ def _base_rows(result: dict) -> list[tuple[str, dict]]:
     return [(f"base model (as {', '.join(b['algorithms'])})", b["scores"]) for b in bases]
 
 
-def _markdown_interval(interval: dict | None, digits: str, signed: bool = False) -> str:
+def markdown_interval(interval: dict | None, digits: str, signed: bool = False) -> str:
+    """`mean_interval`'s result as "mean [low, high] (n=K)" (without the brackets below two values), or n/a."""
     if not interval or interval.get("mean") is None:
         return "n/a"
     sign = "+" if signed else ""
@@ -532,29 +543,24 @@ def _markdown_interval(interval: dict | None, digits: str, signed: bool = False)
 def build_markdown(result: dict) -> str:
     """comparison.md: the page's tables in Markdown (for docs), each figure with its interval and seed count."""
     final, reach, timing = result["final"], result["queries_to_fraction"], result["timing"]
-    names = [(k, t) for k, t in (("eval_reward", "reward, eval set"), ("heldout_on_trained", "held-out, trained prompts"), ("heldout_on_unseen", "held-out, unseen prompts"),
-                                 ("diversity", "diversity"), ("kl", "KL to base")) if any(k in final[a] for a in result["algorithms"])]  # fmt: skip
+    names = [(k, t) for k, t in FINAL_COLUMNS if any(k in final[a] for a in result["algorithms"])]
     lines = [f"`{result['command']}`", "", f"{result['budget']} reward queries ({result['epochs']} epoch(s) of {result['samples_per_epoch']}), seeds 0..{result['seeds'] - 1}, "
              f"model {result['model']}, reward {result['reward']}, held-out judge {result['heldout_reward'] or 'none'}.", ""]  # fmt: skip
     lines += ["| algorithm | " + " | ".join(t for _, t in names) + " | reward, last epoch's samples |", "|---" * (len(names) + 2) + "|"]
     for label, scores in _base_rows(result):
         lines.append(f"| {label} | " + " | ".join(f"{scores[k]:.4g}" if k in scores else "n/a" for k, _ in names) + " | |")
     for algorithm in result["algorithms"]:
-        lines.append(f"| {algorithm} | " + " | ".join(_markdown_interval(final[algorithm].get(k), ".4g") for k, _ in names) + f" | {_markdown_interval(final[algorithm]['reward_last_epoch'], '.4g')} |")
+        lines.append(f"| {algorithm} | " + " | ".join(markdown_interval(final[algorithm].get(k), ".4g") for k, _ in names) + f" | {markdown_interval(final[algorithm]['reward_last_epoch'], '.4g')} |")
     lines += ["", "Change from the base model at the last evaluation, paired per seed:", "", "| algorithm | " + " | ".join(t for _, t in names) + " |", "|---" * (len(names) + 1) + "|"]
     for algorithm in result["algorithms"]:
         changes = final[algorithm].get("change_from_base", {})
-        lines.append(f"| {algorithm} | " + " | ".join(_markdown_interval(changes.get(k), ".4f", signed=True) for k, _ in names) + " |")
+        lines.append(f"| {algorithm} | " + " | ".join(markdown_interval(changes.get(k), ".4f", signed=True) for k, _ in names) + " |")
     fractions = reach["fractions"]
     lines += ["", "| algorithm | " + " | ".join(f"queries to {f:.0%} of the reward range" for f in fractions) + " | s per query |", "|---" * (len(fractions) + 2) + "|"]
     for algorithm in result["algorithms"]:
         cells = " | ".join(str(reach["queries"][algorithm][str(f)]) if reach["queries"][algorithm][str(f)] is not None else "not reached" for f in fractions)
-        lines.append(f"| {algorithm} | {cells} | {_markdown_interval(timing[algorithm]['seconds_per_query'], '.3g')} |")
-    if "start_by_algorithm" in reach:
-        starts = ", ".join(f"{a} {v:.4g}" for a, v in reach["start_by_algorithm"].items())
-        lines += ["", f"Reward range: from each algorithm's untrained policy's samples ({starts}; the entries sample differently) to {reach['best']:.6g} ({reach['best_algorithm']}'s best seed mean)."]
-    else:
-        lines += ["", reach.get("note") or f"Reward range: from {reach['start']:.6g} (the untrained policy's samples) to {reach['best']:.6g} ({reach['best_algorithm']}'s best seed mean)."]
+        lines.append(f"| {algorithm} | {cells} | {markdown_interval(timing[algorithm]['seconds_per_query'], '.3g')} |")
+    lines += ["", _range_sentence(reach)]
     lines += [f"Note: {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
